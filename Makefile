@@ -1,0 +1,45 @@
+# splitnet: make test | make bench | make reproduce
+#
+# On a fresh machine the first target creates .venv and installs the CPU build of torch
+# (torch==2.13.0, a local wheel; never a multi-GB CUDA build) plus the package in editable mode.
+# Where a python3 that already imports torch, numpy, PIL and pytest is present (a GPU box with
+# torch preinstalled and no network), set NO_INSTALL=1 or let the check below find it: nothing
+# is installed and the sources run from src/ via PYTHONPATH.
+
+SYS_PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+OUT ?= runs/reproduce
+
+HAVE_DEPS := $(shell $(SYS_PYTHON) -c "import torch, numpy, PIL, pytest" >/dev/null 2>&1 && echo 1)
+ifeq ($(NO_INSTALL),1)
+HAVE_DEPS := 1
+endif
+
+ifeq ($(HAVE_DEPS),1)
+PYTHON := PYTHONPATH=$(CURDIR)/src $(SYS_PYTHON)
+ENV_STAMP :=
+else
+PYTHON := $(VENV)/bin/python
+ENV_STAMP := $(VENV)/.installed
+endif
+
+.PHONY: env test bench clean
+
+env: $(ENV_STAMP)
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(SYS_PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(VENV)/bin/pip install -q -e ".[test]"
+	touch $@
+
+test: $(ENV_STAMP)
+	$(PYTHON) -m pytest -q tests
+
+bench: $(ENV_STAMP)
+	$(PYTHON) -m splitnet bench --out runs/bench.json
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

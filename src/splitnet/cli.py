@@ -1,0 +1,54 @@
+"""The `splitnet` command line. Each subcommand lives in its own module and registers itself.
+
+A command module exposes `register(subparsers)`, which adds its parser and sets `func` (called with
+the parsed args; returns an exit code). Errors that users cause (bad config, missing file, missing
+device) print one clear line and exit 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .config import ConfigError
+from .layout import LayoutError
+from .placement import DeviceError
+
+# Modules that contribute subcommands, in the order `splitnet --help` lists them.
+COMMAND_MODULES = ("splitnet.commands",)
+
+USER_ERRORS = (ConfigError, LayoutError, DeviceError, FileNotFoundError, NotADirectoryError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splitnet",
+        description="The two-GPU AlexNet of Krizhevsky, Sutskever & Hinton (NIPS 2012), as the paper laid it out.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        print(f"splitnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"splitnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

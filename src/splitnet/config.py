@@ -1,0 +1,145 @@
+"""Frozen dataclass configs whose defaults are the paper's values, and their TOML overrides.
+
+Every config in splitnet is a frozen dataclass. `from_dict` builds one from a plain mapping (a TOML
+table, a `--set key=value` list) and rejects unknown keys and wrong types with a message that names
+the key, so a typo in an experiment file is an error, never a silently ignored setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network's options. Defaults are the paper's (Krizhevsky et al. 2012, §3, §5).
+
+    Every deviation the original code (cuda-convnet) or later ports made is a value here, the paper's
+    value being the default (see docs/paper-spec.md §1-3).
+    """
+
+    layout: str = "paper"
+    num_classes: int = 1000
+    # Input geometry for conv1 (paper-spec §1): "pad3" = 224 crops with cuda-convnet's 3-pixel
+    # right/bottom zero pad (the original), "caffe227" = 227 crops, no pad, "torchvision" = 224 with
+    # a symmetric pad of 2. All three give 55x55 conv1 maps.
+    input_mode: str = "pad3"
+    activation: str = "relu"  # "relu" (paper §3.1) or "tanh" (the Figure 1 comparison)
+    lrn: bool = True  # §3.3; per column, after ReLU, before pooling, on conv1 and conv2
+    lrn_size: int = 5
+    lrn_alpha: float = 1e-4
+    lrn_beta: float = 0.75
+    lrn_k: float = 2.0
+    # "paper": alpha multiplies the plain sum of squares, as P prints it.
+    # "code": cuda-convnet/Caffe/torch divide alpha by the window size n.
+    lrn_convention: str = "paper"
+    dropout: float = 0.5  # §4.2, on the outputs of fc6 and fc7
+    dropout_mode: str = "paper"  # "paper": mask at train, x(1-p) at eval; "inverted": /(1-p) at train
+    init_std: float = 0.01  # §5: every weight ~ N(0, 0.01^2)
+    init_bias: float = 1.0  # §5: bias 1 in conv2, conv4, conv5, fc6, fc7 (Caffe later used 0.1)
+    init_bias_layers: tuple = ("conv2", "conv4", "conv5", "fc6", "fc7")
+
+    def __post_init__(self):
+        _choice(self, "input_mode", ("pad3", "caffe227", "torchvision"))
+        _choice(self, "activation", ("relu", "tanh"))
+        _choice(self, "lrn_convention", ("paper", "code"))
+        _choice(self, "dropout_mode", ("paper", "inverted"))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.num_classes < 1:
+            raise ConfigError(f"num_classes: must be >= 1, got {self.num_classes}")
+        if self.lrn_size < 1:
+            raise ConfigError(f"lrn_size: must be >= 1, got {self.lrn_size}")
+
+
+def _choice(cfg, key, options):
+    value = getattr(cfg, key)
+    if value not in options:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, options))}")
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Coerce `value` to the field type `tp` where that is lossless; otherwise raise naming `key`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+    elif origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError:
+                pass
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+
+
+def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
+    """Build dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError naming the key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or cls.__name__}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, prefix=f"{full}.")
+        else:
+            kwargs[key] = _check_type(full, value, tp)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def replace(cfg, **changes):
+    """dataclasses.replace with the same key checking as from_dict."""
+    merged = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    merged.update(changes)
+    return from_dict(type(cfg), merged)
+
+
+def to_dict(cfg) -> dict:
+    """A plain dict (nested for nested configs), tuples as lists: ready for TOML/JSON."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+__all__ = ["ConfigError", "ModelConfig", "from_dict", "replace", "to_dict"]

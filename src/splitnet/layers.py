@@ -1,0 +1,75 @@
+"""The paper's non-standard layers: local response normalisation (§3.3) and dropout (§4.2)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LocalResponseNorm(nn.Module):
+    """Local response normalisation across channels, over ONE column's maps (§3.3).
+
+    Paper (printed formula): b_i = a_i / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j^2)^beta,
+    with k=2, n=5, alpha=1e-4, beta=0.75: alpha multiplies the plain sum (convention "paper").
+    The original code, Caffe and torch divide alpha by n (convention "code"): the same as the paper's
+    formula with alpha/n. Input [B, C, H, W] of one column; the window never crosses into another
+    column's maps because this module only ever sees one column (N = that column's C).
+    """
+
+    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
+                 convention: str = "paper"):
+        super().__init__()
+        if convention not in ("paper", "code"):
+            raise ValueError(f"lrn_convention: {convention!r} is not 'paper' or 'code'")
+        self.size, self.alpha, self.beta, self.k, self.convention = size, alpha, beta, k, convention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch's local_response_norm computes (k + alpha/n * window sum)^beta: hand it alpha*n to
+        # get the paper's per-element alpha. The window is centred, zero beyond the edges: for even n
+        # torch pads n//2 before and (n-1)//2 after, i.e. j in [i - n/2, i + n/2 - 1].
+        alpha = self.alpha * self.size if self.convention == "paper" else self.alpha
+        return F.local_response_norm(x, self.size, alpha=alpha, beta=self.beta, k=self.k)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, convention={self.convention}"
+
+
+class PaperDropout(nn.Module):
+    """Dropout as §4.2 describes it, with the inverted form as an option.
+
+    "paper": at train time each output is zeroed with probability p (kept as is otherwise); at test
+    time all neurons are used and their outputs multiplied by 1-p (0.5 in the paper).
+    "inverted": what torch.nn.Dropout does, kept outputs scaled by 1/(1-p) at train time, identity at
+    test time. The same in expectation, not the same SGD dynamics from a fixed init.
+    """
+
+    def __init__(self, p: float = 0.5, mode: str = "paper"):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+        if mode not in ("paper", "inverted"):
+            raise ValueError(f"dropout_mode: {mode!r} is not 'paper' or 'inverted'")
+        self.p, self.mode = p, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        if self.training:
+            mask = torch.empty_like(x).bernoulli_(keep)
+            if self.mode == "inverted":
+                mask.div_(keep)
+            return x * mask
+        return x * keep if self.mode == "paper" else x
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, mode={self.mode}"
+
+
+def activation(name: str) -> nn.Module:
+    """ReLU (§3.1) or tanh (the saturating nonlinearity of Figure 1), in place where safe."""
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "tanh":
+        return nn.Tanh()
+    raise ValueError(f"activation: {name!r} is not 'relu' or 'tanh'")

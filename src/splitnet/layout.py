@@ -1,0 +1,363 @@
+"""The layout: AlexNet's column split as a declarative table (paper §3.2, §3.5, Figure 2).
+
+One row per paper layer. A row gives the layer's kind, its output width on each column (0 = that
+column does not compute the layer), kernel/stride/pad, whether ReLU, LRN, pooling and dropout
+follow it, and `cross`: whether the layer reads the maps of every column (an exchange) or only its
+own column's. Devices never appear here; they are given when the model is built.
+
+A layer-split ablation is an edit of this table: `make_layout(columns=4)`, `cross=(...)`, other
+widths. The table also answers, for any layout, what the model would cost: parameters,
+multiply-adds per image, and forward exchange bytes per image per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Sequence
+
+LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+# Total widths of the paper's network (both columns together), §3.5.
+PAPER_WIDTHS = {"conv1": 96, "conv2": 256, "conv3": 384, "conv4": 384, "conv5": 256,
+                "fc6": 4096, "fc7": 4096}
+PAPER_CROSS = ("conv3", "fc6", "fc7", "fc8")
+_KERNELS = {"conv1": (11, 4, 0), "conv2": (5, 1, 2), "conv3": (3, 1, 1), "conv4": (3, 1, 1),
+            "conv5": (3, 1, 1)}
+# Effective conv1 input side: a 224 crop plus cuda-convnet's 3-pixel right/bottom pad (or a 227
+# Caffe crop): 1 + (227 - 11) / 4 = 55.
+IMAGE_SIDE = 227
+
+
+class LayoutError(ValueError):
+    """An inconsistent layout table; the message names the layer."""
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One paper layer. `widths[c]` is the number of maps (conv) or units (fc) column c computes."""
+
+    name: str
+    kind: str  # "conv" or "fc"
+    widths: tuple
+    kernel: int = 1
+    stride: int = 1
+    pad: int = 0
+    cross: bool = False  # reads every column's maps (an exchange) instead of only its own
+    act: bool = True  # ReLU (or tanh) after the layer; the paper has none on fc8 (§3.5)
+    lrn: bool = False  # local response normalisation after the activation (§3.3)
+    pool: tuple | None = None  # (window, stride) max pooling after LRN; (3, 2) overlaps (§3.4)
+    dropout: bool = False  # dropout on the layer's output (§4.2)
+
+    @property
+    def columns(self) -> int:
+        return len(self.widths)
+
+    @property
+    def total(self) -> int:
+        return sum(self.widths)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What one layer costs and produces, per column, for one image."""
+
+    name: str
+    in_widths: tuple  # input channels (conv) or features (fc) per column (0 = not computed)
+    out_shapes: tuple  # per column: (C, H, W) after conv / pooling, or (units,) for fc; None if absent
+    neurons: int  # conv/fc outputs before pooling, summed over columns (Fig. 2 caption)
+    params: int
+    macs: int  # multiply-adds per image
+    exchange_bytes: int  # forward bytes per image leaving their column to feed this layer
+    exchanges: tuple  # (src, dst, bytes per image) for every tensor that leaves its column
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A named, validated table of LayerRows. Build with `make_layout` or `get_layout`."""
+
+    name: str
+    rows: tuple
+    image_side: int = IMAGE_SIDE
+    _stats: tuple = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_stats", tuple(_analyse(self)))
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def columns(self) -> int:
+        return self.rows[0].columns
+
+    @property
+    def num_classes(self) -> int:
+        return self.rows[-1].total
+
+    @property
+    def head(self) -> int:
+        """The column that computes the output layer (fc8)."""
+        return next(c for c, w in enumerate(self.rows[-1].widths) if w > 0)
+
+    def row(self, name: str) -> LayerRow:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise LayoutError(f"layout {self.name!r} has no layer {name!r}")
+
+    @property
+    def names(self) -> tuple:
+        return tuple(r.name for r in self.rows)
+
+    # ---- costs -----------------------------------------------------------------------------
+    def stats(self) -> tuple:
+        return self._stats
+
+    def params(self) -> int:
+        return sum(s.params for s in self._stats)
+
+    def macs_per_image(self) -> int:
+        return sum(s.macs for s in self._stats)
+
+    def exchange_bytes_per_image(self, bytes_per_element: int = 4) -> dict:
+        """Forward bytes per image that cross between columns, per layer (fp32 by default)."""
+        return {s.name: s.exchange_bytes * bytes_per_element // 4 for s in self._stats
+                if s.exchange_bytes}
+
+    def neurons(self) -> tuple:
+        return tuple(s.neurons for s in self._stats)
+
+    def table(self) -> str:
+        """The layout as a Markdown table, one row per layer."""
+        head = ("| layer | per-column widths | kernel/stride/pad | reads | after | out shape per column"
+                " | params | MACs/image | exchange bytes/image |")
+        lines = [head, "|" + "---|" * 9]
+        for r, s in zip(self.rows, self._stats):
+            after = [n for n, on in (("act", r.act), ("lrn", r.lrn), ("dropout", r.dropout)) if on]
+            if r.pool:
+                after.insert(2 if r.lrn else 1, f"pool{r.pool[0]}/{r.pool[1]}")
+            ksp = f"{r.kernel}/{r.stride}/{r.pad}" if r.kind == "conv" else "-"
+            reads = "all columns" if r.cross else ("image" if r is self.rows[0] else "own column")
+            shapes = ", ".join("x".join(map(str, sh)) if sh else "-" for sh in s.out_shapes)
+            lines.append(f"| {r.name} | {'/'.join(map(str, r.widths))} | {ksp} | {reads} | "
+                         f"{', '.join(after) or '-'} | {shapes} | {s.params:,} | {s.macs:,} | "
+                         f"{s.exchange_bytes:,} |")
+        lines.append(f"| total | {self.columns} column(s) | | | | | {self.params():,} | "
+                     f"{self.macs_per_image():,} | {sum(s.exchange_bytes for s in self._stats):,} |")
+        return "\n".join(lines)
+
+
+def _pool_out(side: int, pool) -> int:
+    return side if not pool else (side - pool[0]) // pool[1] + 1
+
+
+def _analyse(layout: Layout) -> list:
+    """Validate the table and compute shapes and costs; errors name the layer."""
+    rows = layout.rows
+    if not rows:
+        raise LayoutError(f"layout {layout.name!r} has no layers")
+    ncol = rows[0].columns
+    if ncol < 1:
+        raise LayoutError(f"layer {rows[0].name}: no columns")
+    seen_fc = False
+    last_index = -1
+    for r in rows:
+        if r.name not in LAYER_NAMES:
+            raise LayoutError(f"unknown layer {r.name!r} (the paper's layers are {', '.join(LAYER_NAMES)})")
+        index = LAYER_NAMES.index(r.name)
+        if index <= last_index:
+            raise LayoutError(f"layer {r.name}: out of order or repeated (layers run in the paper's order)")
+        last_index = index
+        expected_kind = "fc" if r.name.startswith("fc") else "conv"
+        if r.kind != expected_kind:
+            raise LayoutError(f"layer {r.name}: kind {r.kind!r}, expected {expected_kind!r}")
+        seen_fc = seen_fc or r.kind == "fc"
+        if r.columns != ncol:
+            raise LayoutError(f"width mismatch: layer {r.name} gives {r.columns} column widths, "
+                              f"layer {rows[0].name} gives {ncol}")
+        if any((not isinstance(w, int)) or w < 0 for w in r.widths):
+            raise LayoutError(f"layer {r.name}: widths must be non-negative integers, got {r.widths}")
+        if r.total == 0:
+            raise LayoutError(f"layer {r.name}: every column has width 0")
+        if r.pool is not None and (len(r.pool) != 2 or min(r.pool) < 1):
+            raise LayoutError(f"layer {r.name}: pool must be (window, stride), got {r.pool}")
+    if rows[0].name != "conv1":
+        raise LayoutError(f"layer {rows[0].name}: the first layer must be conv1")
+    if rows[-1].name != "fc8":
+        raise LayoutError(f"layer {rows[-1].name}: the last layer must be fc8 (the classifier)")
+    if rows[0].cross:
+        raise LayoutError("layer conv1: conv1 reads the whole image in every column (§3.2); "
+                          "'cross' has no meaning there")
+    if rows[0].widths.count(0):
+        raise LayoutError("layer conv1: every column must compute conv1 (each column starts from the image)")
+    if sum(1 for w in rows[-1].widths if w > 0) != 1:
+        raise LayoutError(f"layer fc8: the output layer is computed on exactly one column (the head), "
+                          f"got widths {rows[-1].widths}")
+
+    stats = []
+    prev_out = [(3, layout.image_side, layout.image_side)] * ncol  # the image, on every column
+    for i, r in enumerate(rows):
+        # What each column reads: its own previous output, or every column's (concatenated).
+        present = [sh for sh in prev_out if sh is not None]
+        if r.kind == "conv" and any(len(sh) != 3 for sh in present):
+            raise LayoutError(f"layer {r.name}: a conv layer cannot follow a fully connected one")
+        if r.cross and len({sh[1:] for sh in present}) != 1:
+            raise LayoutError(f"layer {r.name}: columns' inputs have different spatial sizes")
+        in_widths, in_feats, out_shapes, exch = [], [], [], []
+        for c, w in enumerate(r.widths):
+            if w == 0:
+                in_widths.append(0)
+                in_feats.append(0)
+                out_shapes.append(None)
+                continue
+            if r.cross:
+                srcs = [s for s, sh in enumerate(prev_out) if sh is not None]
+            else:
+                if prev_out[c] is None:
+                    raise LayoutError(
+                        f"layer {r.name}: column {c} computes {w} outputs but reads only its own column, "
+                        f"which has no {rows[i - 1].name} output (mark {r.name} cross, or give column {c} "
+                        f"a {rows[i - 1].name} width)")
+                srcs = [c]
+            for s in srcs:
+                if s != c:
+                    exch.append((s, c, 4 * _numel(prev_out[s])))
+            ch = sum(prev_out[s][0] for s in srcs)
+            if r.kind == "conv":
+                side = prev_out[srcs[0]][1]
+                out = (side + 2 * r.pad - r.kernel) // r.stride + 1
+                if out < 1:
+                    raise LayoutError(f"layer {r.name}: input {side}x{side} is smaller than the kernel")
+                in_widths.append(ch)
+                in_feats.append(ch * r.kernel * r.kernel)
+                out_shapes.append((w, out, out))
+            else:
+                feats = sum(_numel(prev_out[s]) for s in srcs)
+                in_widths.append(feats)
+                in_feats.append(feats)
+                out_shapes.append((w,))
+        # Every output the previous layer computed must be read by this one.
+        if i > 0:
+            for s, sh in enumerate(prev_out):
+                if sh is None:
+                    continue
+                read = r.widths[s] > 0 or (r.cross and any(w > 0 for w in r.widths))
+                if not read:
+                    raise LayoutError(
+                        f"unused row: layer {rows[i - 1].name} of column {s} is never read "
+                        f"({r.name} does not cross and column {s} has no {r.name} units)")
+        params = sum(f * w + w for f, w in zip(in_feats, r.widths) if w)
+        spatial = [(sh[1] * sh[2]) if sh and len(sh) == 3 else 1 for sh in out_shapes]
+        macs = sum(f * w * sp for f, w, sp in zip(in_feats, r.widths, spatial) if w)
+        neurons = sum(w * sp for w, sp in zip(r.widths, spatial) if w)
+        # Pooling shrinks the maps the next layer reads.
+        after = tuple((sh[0], _pool_out(sh[1], r.pool), _pool_out(sh[2], r.pool)) if sh and len(sh) == 3
+                      else sh for sh in out_shapes)
+        if any(sh is not None and len(sh) == 3 and sh[1] < 1 for sh in after):
+            raise LayoutError(f"layer {r.name}: pooling {r.pool} leaves no pixels")
+        stats.append(LayerStats(r.name, tuple(in_widths), after, neurons, params, macs,
+                                sum(b for _, _, b in exch), tuple(exch)))
+        prev_out = list(after)
+    return stats
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def make_layout(name: str = "custom", columns: int = 2, cross: Iterable[str] = PAPER_CROSS,
+                num_classes: int = 1000, head: int = 0, widths: dict | None = None,
+                pool: tuple | None = (3, 2), lrn_layers: Sequence[str] = ("conv1", "conv2"),
+                dropout_layers: Sequence[str] = ("fc6", "fc7"), omit: Sequence[str] = ()) -> Layout:
+    """The paper's table with the knobs the ablations turn.
+
+    columns: how many columns share every layer (the paper's widths divided evenly; §3.2 uses 2).
+    cross: layers that read every column (paper: conv3, fc6, fc7, fc8).
+    widths: per-layer overrides, {layer: total width} (split evenly) or {layer: (w0, w1, ...)}.
+    head: the column that computes fc8 (the original 2012 code used GPU 1, cuda-convnet2 GPU 0).
+    pool: (window, stride) of the three max-pooling layers; (3, 2) overlaps (§3.4), (2, 2) does not.
+    omit: middle layers to remove (§7: "removing any middle layer ... about 2% worse").
+    """
+    cross = tuple(cross)
+    for n in (*cross, *lrn_layers, *dropout_layers, *omit, *(widths or {})):
+        if n not in LAYER_NAMES:
+            raise LayoutError(f"unknown layer {n!r} (the paper's layers are {', '.join(LAYER_NAMES)})")
+    if not 0 <= head < columns:
+        raise LayoutError(f"layer fc8: head column {head} does not exist in a {columns}-column layout")
+    totals = dict(PAPER_WIDTHS)
+    rows = []
+    for n in LAYER_NAMES:
+        if n in omit:
+            continue
+        spec = (widths or {}).get(n)
+        if n == "fc8":
+            per = tuple(num_classes if c == head else 0 for c in range(columns)) if spec is None else spec
+        elif isinstance(spec, (tuple, list)):
+            per = tuple(spec)
+        else:
+            total = totals[n] if spec is None else spec
+            if total % columns:
+                raise LayoutError(f"width mismatch: layer {n} has {total} maps, not divisible by "
+                                  f"{columns} columns")
+            per = (total // columns,) * columns
+        if isinstance(spec, (tuple, list)) and len(spec) != columns:
+            raise LayoutError(f"width mismatch: layer {n} gives {len(spec)} column widths for "
+                              f"{columns} columns")
+        kind = "fc" if n.startswith("fc") else "conv"
+        k, s, p = _KERNELS.get(n, (1, 1, 0))
+        rows.append(LayerRow(
+            name=n, kind=kind, widths=per, kernel=k, stride=s, pad=p,
+            cross=(n in cross and n != "conv1"), act=(n != "fc8"), lrn=(n in lrn_layers),
+            pool=(pool if n in ("conv1", "conv2", "conv5") else None), dropout=(n in dropout_layers)))
+    return Layout(name=name, rows=tuple(rows))
+
+
+def with_rows(layout: Layout, name: str | None = None, **changes_by_layer) -> Layout:
+    """A copy of `layout` with fields of some rows changed: with_rows(l, conv5={'cross': True})."""
+    rows = []
+    for r in layout.rows:
+        ch = changes_by_layer.pop(r.name, None)
+        rows.append(replace(r, **ch) if ch else r)
+    if changes_by_layer:
+        raise LayoutError(f"unknown layer {next(iter(changes_by_layer))!r} in layout {layout.name!r}")
+    return Layout(name=name or layout.name, rows=tuple(rows), image_side=layout.image_side)
+
+
+def _builtin(num_classes: int) -> dict:
+    half = {n: w // 2 for n, w in PAPER_WIDTHS.items()}
+    return {
+        # §3.2: two columns meeting at conv3 and the fully connected layers; fc8 on one column.
+        "paper": lambda: make_layout("paper", 2, PAPER_CROSS, num_classes),
+        # A dense network split over two devices: every layer reads both columns.
+        "dense": lambda: make_layout("dense", 2, LAYER_NAMES[1:], num_classes),
+        # Two independent conv towers that first meet at fc6.
+        "towers": lambda: make_layout("towers", 2, ("fc6", "fc7", "fc8"), num_classes),
+        # Footnote 2: the one-GPU comparison net, half the kernels in conv1..conv4, but full-size
+        # conv5 and fully connected layers ("to make the two nets have approximately the same
+        # number of parameters").
+        "one-gpu": lambda: make_layout("one-gpu", 1, (), num_classes, widths={
+            "conv1": half["conv1"], "conv2": half["conv2"], "conv3": half["conv3"],
+            "conv4": half["conv4"]}),
+        # The dense network on one device.
+        "one-column": lambda: make_layout("one-column", 1, (), num_classes),
+        # The paper's crossings with the widths divided over four columns.
+        "four-columns": lambda: make_layout("four-columns", 4, PAPER_CROSS, num_classes),
+    }
+
+
+def layouts() -> list:
+    """Names of the built-in layouts."""
+    return list(_builtin(1000))
+
+
+def get_layout(name, num_classes: int = 1000) -> Layout:
+    """A built-in layout by name (see `layouts()`), or a Layout passed through after checking classes."""
+    if isinstance(name, Layout):
+        if name.num_classes != num_classes:
+            raise LayoutError(f"layer fc8: layout {name.name!r} has {name.num_classes} outputs, "
+                              f"the model asks for {num_classes} classes")
+        return name
+    table = _builtin(num_classes)
+    if name not in table:
+        raise LayoutError(f"unknown layout {name!r}; built-in layouts: {', '.join(table)}")
+    return table[name]()

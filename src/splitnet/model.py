@@ -1,0 +1,172 @@
+"""SplitAlexNet: the two-column network of §3.2 / Figure 2, one nn.Module per column.
+
+The columns are generated from the layout table (layout.py) and are identical in code; they only
+differ in which device they sit on and which rows give them a nonzero width. A forward pass walks
+the table row by row; at a crossing row the exchange (exchange.py) hands every reading column the
+concatenation of all columns' previous outputs. Nothing else synchronises the columns, so on two
+GPUs their kernels are queued back to back and run concurrently.
+
+Shapes per column, paper layout, batch B (224 crop padded to 227 for conv1):
+  image [B,3,227,227] -> conv1 [B,48,55,55] -> pool1 [B,48,27,27] -> conv2 [B,128,27,27]
+  -> pool2 [B,128,13,13] =exchange=> conv3 reads [B,256,13,13] -> [B,192,13,13] -> conv4 [B,192,13,13]
+  -> conv5 [B,128,13,13] -> pool5 [B,128,6,6] -> flatten [B,4608] =exchange=> fc6 reads [B,9216]
+  -> [B,2048] =exchange=> fc7 reads [B,4096] -> [B,2048] =exchange=> fc8 (head column) [B,1000]
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import config as _config
+from .config import ModelConfig
+from .exchange import LocalExchange
+from .layers import LocalResponseNorm, PaperDropout, activation
+from .layout import Layout, get_layout
+from .placement import describe, resolve_devices
+
+# conv1 input padding per input mode, (left, right, top, bottom), and the crop side it expects.
+INPUT_MODES = {
+    "pad3": ((0, 3, 0, 3), 224),  # cuda-convnet: the last filter hangs 3 pixels over, read as zeros
+    "caffe227": ((0, 0, 0, 0), 227),
+    "torchvision": ((2, 2, 2, 2), 224),
+}
+
+
+class Column(nn.Module):
+    """One column: the rows of the table where this column has a nonzero width.
+
+    Submodules are named after the paper's layers (conv1..fc8), so state-dict keys read
+    `columns.0.conv3.weight`. Stateless parts (activation, LRN, pooling, dropout) follow each layer
+    as the row's flags say, in the paper's order: layer, ReLU, LRN, pool, dropout (§3.5).
+    """
+
+    def __init__(self, layout: Layout, index: int, cfg: ModelConfig):
+        super().__init__()
+        self.index = index
+        self.rows = tuple(r for r in layout.rows if r.widths[index] > 0)
+        for row, st in zip(layout.rows, layout.stats()):
+            w = row.widths[index]
+            if not w:
+                continue
+            fan_in = st.in_widths[index]
+            if row.kind == "conv":
+                mod = nn.Conv2d(fan_in, w, row.kernel, row.stride, row.pad)
+            else:
+                mod = nn.Linear(fan_in, w)
+            self.add_module(row.name, mod)
+        self.act = activation(cfg.activation)
+        self.lrn = (LocalResponseNorm(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k, cfg.lrn_convention)
+                    if cfg.lrn else None)
+        self.drop = PaperDropout(cfg.dropout, cfg.dropout_mode)
+
+    def layer(self, row, x: torch.Tensor) -> torch.Tensor:
+        """Run one row of the table on this column's input x."""
+        if row.kind == "fc" and x.dim() > 2:
+            x = x.flatten(1)  # channel-major: c*H*W + h*W + w, as the grouped fc6 expects
+        x = getattr(self, row.name)(x)
+        if row.act:
+            x = self.act(x)
+        if row.lrn and self.lrn is not None:
+            x = self.lrn(x)
+        if row.pool:
+            x = F.max_pool2d(x, row.pool[0], row.pool[1])
+        if row.dropout:
+            x = self.drop(x)
+        return x
+
+
+class SplitAlexNet(nn.Module):
+    """The paper's network split into columns placed on `devices` (§3.2, Figure 2).
+
+    num_classes: outputs of fc8 (default 1000, or config's). layout: a name from `splitnet.layouts()` or a Layout.
+    devices: None (pick GPUs if present, else CPU emulation), one device for all columns, or one per
+    column, e.g. ("cuda:0", "cuda:1"). config / overrides: ModelConfig fields (paper defaults).
+    Input: float [B, 3, 224, 224] mean-subtracted 0..255 RGB (227 with input_mode="caffe227").
+    Output: logits [B, num_classes] on the head column's device.
+    """
+
+    def __init__(self, num_classes: int | None = None, layout=None, devices=None,
+                 config: ModelConfig | None = None, **overrides):
+        super().__init__()
+        cfg = config or ModelConfig()
+        num_classes = cfg.num_classes if num_classes is None else num_classes
+        layout = cfg.layout if layout is None else layout
+        name = layout.name if isinstance(layout, Layout) else layout
+        cfg = _config.replace(cfg, num_classes=num_classes, layout=name, **overrides)
+        self.config = cfg
+        self.layout = get_layout(layout, num_classes)
+        self.devices = resolve_devices(devices, self.layout.columns)
+        self.pad, self.input_side = INPUT_MODES[cfg.input_mode]
+        self.columns = nn.ModuleList(Column(self.layout, c, cfg) for c in range(self.layout.columns))
+        self.reset_parameters()
+        for col, dev in zip(self.columns, self.devices):
+            col.to(dev)
+        self.exchange = LocalExchange(self.devices)
+
+    # ---- init (§5) ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Every weight ~ N(0, init_std^2); biases init_bias in init_bias_layers, 0 elsewhere (§5).
+
+        Draws on the CPU in table order (layer by layer, column by column) and copies to each
+        column's device, so a seed gives the same network on any placement.
+        """
+        cfg = self.config
+        for row in self.layout.rows:
+            for col in self.columns:
+                mod = getattr(col, row.name, None)
+                if mod is None:
+                    continue
+                w = torch.empty(mod.weight.shape).normal_(0.0, cfg.init_std, generator=generator)
+                mod.weight.copy_(w)
+                mod.bias.fill_(cfg.init_bias if row.name in cfg.init_bias_layers else 0.0)
+
+    # ---- forward -----------------------------------------------------------------------------
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Check the crop and apply conv1's input padding (input_mode)."""
+        side = self.input_side
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != side or x.shape[3] != side:
+            raise ValueError(f"conv1: expected input [B, 3, {side}, {side}] (input_mode="
+                             f"{self.config.input_mode!r}), got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"conv1: expected a float tensor (mean-subtracted 0..255 RGB), got {x.dtype}")
+        return F.pad(x, self.pad) if any(self.pad) else x
+
+    def forward_columns(self, x: torch.Tensor, upto: str | None = None) -> list:
+        """Per-column outputs of layer `upto` (default: the last); None where a column has none."""
+        x = self.prepare_input(x)
+        # Both columns read the whole image (§3.2): copy it once to each column's device.
+        outs = [x.to(dev, non_blocking=True) for dev in self.devices]
+        for row in self.layout.rows:
+            readers = [c for c, w in enumerate(row.widths) if w > 0]
+            ins = self.exchange.gather(row.name, outs, readers) if row.cross else outs
+            outs = [self.columns[c].layer(row, ins[c]) if row.widths[c] > 0 else None
+                    for c in range(len(outs))]
+            if row.name == upto:
+                return outs
+        if upto is not None:
+            raise ValueError(f"layout {self.layout.name!r} has no layer {upto!r}")
+        return outs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_columns(x)[self.layout.head]
+
+    def features(self, x: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
+        """Layer `layer`'s output of all columns concatenated in column order, on the head's device
+        (fc7: the 4096-d vectors of Figure 4's nearest neighbours, §6.1)."""
+        outs = [t for t in self.forward_columns(x, upto=layer) if t is not None]
+        dev = self.devices[self.layout.head]
+        return torch.cat([t.to(dev).flatten(1) for t in outs], dim=1)
+
+    # ---- single-device equivalent (convert.py) --------------------------------------------
+    def grouped_state_dict(self) -> dict:
+        from .convert import grouped_state_dict
+        return grouped_state_dict(self)
+
+    def load_grouped_state_dict(self, state: dict) -> None:
+        from .convert import load_grouped_state_dict
+        load_grouped_state_dict(self, state)
+
+    def extra_repr(self) -> str:
+        return f"layout={self.layout.name!r}, devices={describe(self.devices)}"
