@@ -1,0 +1,28 @@
+import json
+import subprocess
+import sys
+
+from splitnet.cli import main
+
+
+def test_layouts_lists_all(capsys):
+    assert main(["layouts"]) == 0
+    out = capsys.readouterr().out
+    assert "paper" in out and "60,965,224" in out and "234,496" in out
+
+
+def test_layouts_json(capsys):
+    assert main(["layouts", "paper", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["paper"]["params"] == 60_965_224
+
+
+def test_unknown_layout_is_one_clear_line(capsys):
+    assert main(["layouts", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown layout 'nope'" in err and "Traceback" not in err
+
+
+def test_python_dash_m():
+    r = subprocess.run([sys.executable, "-m", "splitnet", "layouts", "paper"], capture_output=True, text=True)
+    assert r.returncode == 0 and "conv3" in r.stdout

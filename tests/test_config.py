@@ -1,0 +1,36 @@
+import pytest
+
+import splitnet
+from splitnet.config import ConfigError, ModelConfig, from_dict, to_dict
+
+
+def test_defaults_are_the_papers():
+    c = ModelConfig()
+    assert (c.layout, c.lrn_k, c.lrn_alpha, c.lrn_size, c.lrn_beta, c.lrn_convention) == \
+        ("paper", 2.0, 1e-4, 5, 0.75, "paper")
+    assert (c.dropout, c.dropout_mode, c.init_std, c.init_bias, c.input_mode) == (0.5, "paper", 0.01, 1.0, "pad3")
+
+
+def test_unknown_key_names_it():
+    with pytest.raises(ConfigError, match="lrn_kk: unknown key"):
+        from_dict(ModelConfig, {"lrn_kk": 1})
+
+
+def test_wrong_type_names_it():
+    with pytest.raises(ConfigError, match="dropout: expected float"):
+        from_dict(ModelConfig, {"dropout": "half"})
+    with pytest.raises(ConfigError, match="lrn: expected bool"):
+        from_dict(ModelConfig, {"lrn": 1})
+
+
+def test_bad_choice_names_it():
+    with pytest.raises(ConfigError, match="activation"):
+        from_dict(ModelConfig, {"activation": "gelu"})
+    with pytest.raises(ConfigError, match="input_mode"):
+        splitnet.SplitAlexNet(num_classes=10, devices="cpu", input_mode="crop")
+
+
+def test_roundtrip():
+    c = from_dict(ModelConfig, {"lrn": False, "init_bias": 0.1, "init_bias_layers": ["fc6"]})
+    assert from_dict(ModelConfig, to_dict(c)) == c
+    assert c.init_bias_layers == ("fc6",)

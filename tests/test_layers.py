@@ -1,0 +1,65 @@
+"""LRN against hand-computed values of the printed formula (§3.3), paper dropout (§4.2)."""
+import math
+
+import pytest
+import torch
+
+from reference import lrn_formula
+from splitnet.layers import LocalResponseNorm, PaperDropout
+
+
+def test_lrn_paper_formula_by_hand():
+    a = torch.arange(1.0, 8.0).view(1, 7, 1, 1)  # channels 1..7
+    out = LocalResponseNorm(5, alpha=0.1, beta=0.75, k=2.0)(a).flatten().tolist()
+    # b_0: window j = 0..2 -> 1 + 4 + 9 = 14; b_3: j = 1..5 -> 4+9+16+25+36 = 90; b_6: j = 4..6 -> 25+36+49
+    assert out[0] == pytest.approx(1 / (2 + 0.1 * 14) ** 0.75, rel=1e-6)
+    assert out[3] == pytest.approx(4 / (2 + 0.1 * 90) ** 0.75, rel=1e-6)
+    assert out[6] == pytest.approx(7 / (2 + 0.1 * 110) ** 0.75, rel=1e-6)
+
+
+def test_lrn_code_convention_divides_alpha_by_n():
+    a = torch.arange(1.0, 8.0).view(1, 7, 1, 1)
+    out = LocalResponseNorm(5, alpha=0.1, beta=0.75, k=1.0, convention="code")(a).flatten().tolist()
+    assert out[3] == pytest.approx(4 / (1 + 0.1 / 5 * 90) ** 0.75, rel=1e-6)
+    # torch's own module is the code convention
+    ref = torch.nn.LocalResponseNorm(5, alpha=0.1, beta=0.75, k=1.0)(a).flatten().tolist()
+    assert out == pytest.approx(ref, rel=1e-6)
+
+
+def test_lrn_defaults_are_the_papers_and_match_the_formula():
+    lrn = LocalResponseNorm()
+    assert (lrn.size, lrn.alpha, lrn.beta, lrn.k, lrn.convention) == (5, 1e-4, 0.75, 2.0, "paper")
+    x = torch.randn(2, 48, 5, 5) * 100
+    assert torch.allclose(lrn(x), lrn_formula(x), rtol=1e-5, atol=1e-6)
+
+
+def test_lrn_bad_convention():
+    with pytest.raises(ValueError, match="lrn_convention"):
+        LocalResponseNorm(convention="caffe")
+
+
+def test_paper_dropout_eval_scales_by_half():
+    d = PaperDropout(0.5).eval()
+    x = torch.randn(1000)
+    assert torch.equal(d(x), x * 0.5)
+    assert torch.equal(PaperDropout(0.5, "inverted").eval()(x), x)
+
+
+def test_paper_dropout_train_masks_without_scaling():
+    torch.manual_seed(0)
+    x = torch.rand(100_000) + 1.0
+    y = PaperDropout(0.5).train()(x)
+    kept = y != 0
+    assert torch.equal(y[kept], x[kept])
+    assert abs(kept.float().mean().item() - 0.5) < 0.01
+    yi = PaperDropout(0.5, "inverted").train()(x)
+    assert torch.allclose(yi[yi != 0], 2 * x[yi != 0])
+    # Same expectation at train and test time in both modes.
+    assert abs(y.mean().item() - PaperDropout(0.5).eval()(x).mean().item()) < 0.01
+    assert math.isclose(yi.mean().item(), x.mean().item(), rel_tol=0.01)
+
+
+def test_dropout_zero_is_identity():
+    x = torch.randn(10)
+    assert torch.equal(PaperDropout(0.0).train()(x), x)
+    assert torch.equal(PaperDropout(0.0).eval()(x), x)
