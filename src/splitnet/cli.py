@@ -16,7 +16,7 @@ from .layout import LayoutError
 from .placement import DeviceError
 
 # Modules that contribute subcommands, in the order `splitnet --help` lists them.
-COMMAND_MODULES = ("splitnet.commands",)
+COMMAND_MODULES = ("splitnet.commands", "splitnet.bench")
 
 USER_ERRORS = (ConfigError, LayoutError, DeviceError, FileNotFoundError, NotADirectoryError)
 
