@@ -32,7 +32,7 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="speed of the split model vs the single-device grouped network")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3, help="timed steps per model (after one warm-up)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps per model (after one warm-up)")
     p.add_argument("--layout", default="paper")
     p.add_argument("--placements", nargs="*", default=None,
                    help="cpu and/or cuda (default: cpu, plus cuda when a GPU exists)")

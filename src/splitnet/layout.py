@@ -126,7 +126,7 @@ class Layout:
 
     def table(self) -> str:
         """The layout as a Markdown table, one row per layer."""
-        head = ("| layer | per-column widths | kernel/stride/pad | reads | after | out shape per column"
+        head = ("| layer | per-column widths | kernel/stride/pad | reads | after | output per column (after pooling)"
                 " | params | MACs/image | exchange bytes/image |")
         lines = [head, "|" + "---|" * 9]
         for r, s in zip(self.rows, self._stats):
