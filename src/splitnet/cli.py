@@ -16,9 +16,16 @@ from .layout import LayoutError
 from .placement import DeviceError
 
 # Modules that contribute subcommands, in the order `splitnet --help` lists them.
-COMMAND_MODULES = ("splitnet.commands", "splitnet.bench")
+COMMAND_MODULES = ("splitnet.commands", "splitnet.data.cli", "splitnet.train", "splitnet.evaluate",
+                   "splitnet.report", "splitnet.bench")
 
 USER_ERRORS = (ConfigError, LayoutError, DeviceError, FileNotFoundError, NotADirectoryError)
+
+
+def _user_errors() -> tuple:
+    """Errors printed as one line: the user's input or a run that cannot go on, not a bug."""
+    from .train import TrainingError
+    return USER_ERRORS + (TrainingError,)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +49,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         print(f"splitnet {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,16 @@
+"""The input pipeline (§2, §4.1): ImageNet-style folders -> a packed uint8 cache -> augmented batches.
+
+    splitnet data synth --out ROOT         the built-in synthetic set (synth.py)
+    splitnet data prepare --src ROOT --out CACHE   decode once (preparation.py, decode.py, stats.py, cache.py)
+    make_loader(CACHE, "train", 128, seed, epoch)  batches for training / evaluation (loader.py, pipeline.py)
+
+transforms.py holds the paper's transforms, one small function each.
+"""
+from .cache import ensure_cache, is_cache
+from .config import DataConfig, DataError
+from .loader import BatchLoader, PackedDataset, epoch_order, make_loader
+from .preparation import prepare
+from .synth import make_synthetic
+
+__all__ = ["DataConfig", "DataError", "PackedDataset", "BatchLoader", "make_loader", "epoch_order", "prepare",
+           "ensure_cache", "is_cache", "make_synthetic"]

@@ -1,0 +1,165 @@
+"""The prepared cache on disk: its layout, atomic writes, and opening it (reading side of preparation.py).
+
+    CACHE/
+      cache.json          written last: its presence means the cache is complete (format, sizes, counts)
+      classes.json        ["n01440764", ...]: class index = position (sorted train folder names)
+      mean.npy            float32 [3, 256, 256]: the training set's per-pixel mean image, 0..255 (§2)
+      stats.json          RGB mean, 3x3 covariance, eigenvalues (descending), eigenvectors (columns),
+                          all in 0..255 units, over every pixel of every packed training image (§4.1)
+      report.json         per split: files listed, images packed, files skipped (with the reason),
+                          notes on packed files (CMYK, grayscale, PNG named .JPEG, upscaled...),
+                          files ignored (not image files, not in a class folder), empty class folders
+      manifest.jsonl      one line per finished shard (resumption bookkeeping)
+      train/ val/
+        shard-00000.npy   uint8 [n, 3, 256, 256], RGB, channel-first; opened with mmap_mode="r"
+        shard-00000.json  the shard's labels, source files, skipped files; and its content key
+        shard-00000.stats.npz   (train) the shard's exact sums for the mean and covariance
+        labels.npy        int64 [N]: label of each image, in index order
+        index.npy         int64 [N, 2]: (shard, row) of each image
+        files.txt         source path (relative to ROOT) of each image, one a line
+
+Every file is written to a temporary name and renamed into place (os.replace), so an interrupted
+run leaves either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig, DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CACHE_JSON = "cache.json"
+CLASSES_JSON = "classes.json"
+MEAN_NPY = "mean.npy"
+STATS_JSON = "stats.json"
+REPORT_JSON = "report.json"
+MANIFEST = "manifest.jsonl"
+TMP_MARK = ".tmp-"
+
+
+def shard_stem(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+# ---- atomic writes -------------------------------------------------------------------------------
+def atomic_write(path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder, fsync, then os.replace."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj) -> None:
+    atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def write_npy(path, arr: np.ndarray) -> None:
+    """np.save, atomically. Streams through a temp file (no second in-memory copy of a big shard)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_npz(path, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, buf.getvalue())
+
+
+def remove_temporaries(folder) -> None:
+    """Delete temp files a killed run left behind (their content is incomplete by construction)."""
+    for p in Path(folder).rglob(f"*{TMP_MARK}*"):
+        p.unlink(missing_ok=True)
+
+
+# ---- reading -------------------------------------------------------------------------------------
+def is_cache(path) -> bool:
+    """True when `path` is a complete splitnet cache."""
+    return (Path(path) / CACHE_JSON).is_file()
+
+
+def read_info(path) -> dict:
+    """cache.json of a complete cache; a clear error for a folder that is not one (yet)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such cache folder")
+    if not is_cache(path):
+        hint = (" (an unfinished preparation: rerun `splitnet data prepare` with the same --src/--out to resume)"
+                if (path / MANIFEST).exists() else "")
+        raise DataError(f"{path}: not a complete splitnet cache, no {CACHE_JSON}{hint}")
+    info = json.loads((path / CACHE_JSON).read_text())
+    if info.get("format") != FORMAT_VERSION:
+        raise DataError(f"{path / CACHE_JSON}: cache format {info.get('format')!r}, this splitnet reads "
+                        f"{FORMAT_VERSION}; prepare it again")
+    return info
+
+
+def read_classes(path) -> list:
+    return json.loads((Path(path) / CLASSES_JSON).read_text())
+
+
+def read_stats(path) -> dict:
+    """{"mean": float32 [3,S,S], "rgb_mean", "rgb_cov", "eigvals", "eigvecs": float64 numpy arrays}."""
+    path = Path(path)
+    s = json.loads((path / STATS_JSON).read_text())
+    out = {k: np.asarray(s[k], dtype=np.float64) for k in ("rgb_mean", "rgb_cov", "eigvals", "eigvecs")}
+    out["mean"] = np.load(path / MEAN_NPY)
+    return out
+
+
+# ---- a cache for a run ---------------------------------------------------------------------------
+def default_cache_dir(src, work_dir) -> Path:
+    """WORK/cache/<name>-<hash of the absolute source path>: one cache per source, reused across runs."""
+    src = Path(src).resolve()
+    digest = hashlib.sha256(str(src).encode()).hexdigest()[:8]
+    return Path(work_dir) / "cache" / f"{src.name}-{digest}"
+
+
+def ensure_cache(data_root_or_cache, work_dir, cfg: DataConfig | None = None) -> Path:
+    """A complete cache for `data_root_or_cache`, preparing it if needed; returns the cache folder.
+
+    A cache (has cache.json): used as it is. A folder of class folders (has train/): prepared into
+    cfg.cache, or WORK/cache/<name>-<hash>; a complete cache there from the same source is reused
+    without listing the source again (`splitnet data prepare` re-checks a source for changes), an
+    unfinished one is resumed.
+    """
+    cfg = cfg or DataConfig()
+    path = Path(data_root_or_cache)
+    if is_cache(path):
+        read_info(path)
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such folder (expected a prepared cache or ROOT/train/<class>/*)")
+    if not (path / "train").is_dir():
+        if (path / MANIFEST).exists():
+            read_info(path)  # raises the "unfinished preparation" error
+        raise FileNotFoundError(f"{path}: neither a prepared cache ({CACHE_JSON}) nor a folder of class "
+                                f"folders ({path / 'train'} missing)")
+    out = Path(cfg.cache) if cfg.cache else default_cache_dir(path, work_dir)
+    if is_cache(out):
+        info = read_info(out)
+        if info.get("src") == str(path.resolve()) and info.get("image_size") == cfg.image_size:
+            log.info("data: using the prepared cache %s", out)
+            return out
+    from .preparation import prepare
+
+    log.info("data: preparing %s into %s (once; later runs reuse it)", path, out)
+    prepare(path, out, cfg=cfg)
+    return out

@@ -1,0 +1,165 @@
+"""Reading the cache: PackedDataset (one image at a time) and make_loader (whole batches, §4.1).
+
+make_loader's unit of work is a batch, not an image: DataLoader worker w builds batch k from the
+epoch's permutation (seeded by (seed, epoch)) and each sample's augmentation (seeded by
+(seed, epoch, position), pipeline.py). Batch k is therefore the same tensor whoever builds it, and
+starting at batch k (a resumed run) yields exactly the batches k, k+1, ... an uninterrupted run sees.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import cache as C
+from . import pipeline as P
+from .config import DataConfig
+from .rng import STREAM_SHUFFLE, derive_seed
+
+_OPEN_SHARDS = 128  # memory maps kept open per process (each holds a file descriptor)
+
+
+class PackedDataset(Dataset):
+    """The images of one split of a prepared cache, as packed (§2: 256x256, uint8, not augmented).
+
+    ds[i] -> (uint8 tensor [3, 256, 256] RGB, int label). Attributes: classes (list of names),
+    labels (int64 numpy [N]), files (source paths), mean (float32 tensor [3, 256, 256], 0..255),
+    eigvals (float32 [3], descending) and eigvecs (float32 [3, 3], columns) of the training set's
+    RGB covariance in 0..255 units, image_size.
+    """
+
+    def __init__(self, cache_dir, split: str = "train"):
+        self.root = Path(cache_dir)
+        info = C.read_info(self.root)
+        if split not in info["splits"]:
+            raise FileNotFoundError(f"{self.root}: the cache has no {split!r} split "
+                                    f"(has: {', '.join(info['splits'])})")
+        self.split = split
+        self.image_size = int(info["image_size"])
+        folder = self.root / split
+        self.labels = np.load(folder / "labels.npy")
+        self._index = np.load(folder / "index.npy")
+        self.classes = C.read_classes(self.root)
+        st = C.read_stats(self.root)
+        self.mean = torch.from_numpy(st["mean"].astype(np.float32))
+        self.eigvals = torch.from_numpy(st["eigvals"].astype(np.float32))
+        self.eigvecs = torch.from_numpy(st["eigvecs"].astype(np.float32))
+        self._shards = OrderedDict()  # opened lazily, in each process that reads
+
+    @property
+    def files(self) -> list:
+        return (self.root / self.split / "files.txt").read_text().splitlines()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getstate__(self):  # for spawned workers: the maps are reopened there
+        state = self.__dict__.copy()
+        state["_shards"] = OrderedDict()
+        return state
+
+    def _shard(self, i: int) -> np.ndarray:
+        arr = self._shards.pop(i, None)
+        if arr is None:
+            arr = np.load(self.root / self.split / f"{C.shard_stem(i)}.npy", mmap_mode="r")
+            if len(self._shards) >= _OPEN_SHARDS:
+                self._shards.popitem(last=False)
+        self._shards[i] = arr
+        return arr
+
+    def __getitem__(self, i: int):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        shard, row = self._index[i]
+        return torch.from_numpy(np.array(self._shard(int(shard))[row])), int(self.labels[i])
+
+    def get_batch(self, indices) -> tuple:
+        """(uint8 [B, 3, S, S], int64 [B]) for the images at `indices`, in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(idx), 3, self.image_size, self.image_size), dtype=np.uint8)
+        for j, i in enumerate(idx):
+            shard, row = self._index[i]
+            out[j] = self._shard(int(shard))[row]
+        return torch.from_numpy(out), torch.from_numpy(self.labels[idx].astype(np.int64))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of 0..n-1 used in epoch `epoch` of a run seeded `seed` (int64 [n])."""
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch, STREAM_SHUFFLE))
+    return torch.randperm(n, generator=g)
+
+
+class _Batches(Dataset):
+    """Item k = the finished batch k of one epoch (the DataLoader sees whole batches)."""
+
+    def __init__(self, ds: PackedDataset, order: torch.Tensor, batch_size: int, n_batches: int, seed: int,
+                 epoch: int, train: bool, ten: bool, cfg: DataConfig):
+        self.ds, self.order, self.batch_size, self.n_batches = ds, order, batch_size, n_batches
+        self.seed, self.epoch, self.train, self.ten, self.cfg = seed, epoch, train, ten, cfg
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __getitem__(self, k: int):
+        lo = k * self.batch_size
+        hi = min(lo + self.batch_size, len(self.order))
+        images, labels = self.ds.get_batch(self.order[lo:hi].numpy())
+        mean = self.ds.mean
+        if self.train:
+            params = P.sample_params(self.seed, self.epoch, range(lo, hi), self.cfg, self.ds.image_size)
+            x = P.train_batch(images, params, mean, self.ds.eigvals, self.ds.eigvecs, self.cfg)
+        else:
+            x = P.eval_batch(images, mean, self.cfg, ten=self.ten)
+        return x.contiguous(), labels
+
+
+class BatchLoader:
+    """Iterable of (float32 images, int64 labels) for one epoch, from batch `start_batch` on.
+
+    len() is the number of batches it yields; `num_batches` the epoch's total; `dataset` the
+    PackedDataset (classes, mean, eigvals, eigvecs).
+    """
+
+    def __init__(self, batches: _Batches, start_batch: int, workers: int, pin_memory: bool):
+        self.dataset, self.start_batch, self.num_batches = batches.ds, start_batch, batches.n_batches
+        self._loader = DataLoader(batches, batch_size=None, sampler=range(start_batch, batches.n_batches),
+                                  num_workers=workers, pin_memory=pin_memory,
+                                  prefetch_factor=2 if workers else None)
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start_batch
+
+    def __iter__(self):
+        return iter(self._loader)
+
+
+def make_loader(cache_dir, split: str, batch_size: int, seed: int = 0, epoch: int = 0, train: bool = True,
+                workers: int | None = None, start_batch: int = 0, cfg: DataConfig | None = None,
+                ten_patches: bool = False, drop_last: bool | None = None, pin_memory: bool = False,
+                dataset: PackedDataset | None = None) -> BatchLoader:
+    """Batches of split `split` of the cache (§4.1).
+
+    train=True: shuffled by (seed, epoch), augmented per cfg -> float32 [B, 3, 224, 224].
+    train=False: in cache order, the centre patch -> [B, 3, 224, 224], or with ten_patches=True the
+    ten patches -> [B, 10, 3, 224, 224]. All mean-subtracted, 0..255 scale. Labels int64 [B].
+    drop_last (default: True when training) drops the epoch's last partial batch. workers: DataLoader
+    processes (default cfg.workers); results are bitwise the same for any number. start_batch: resume
+    inside the epoch. dataset: an already opened PackedDataset of that split, to save re-reading.
+    """
+    cfg = cfg or DataConfig()
+    ds = dataset if dataset is not None else PackedDataset(cache_dir, split)
+    if cfg.crop_size > ds.image_size:
+        raise ValueError(f"crop_size {cfg.crop_size} is larger than the cache's images ({ds.image_size})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    n = len(ds)
+    drop_last = train if drop_last is None else drop_last
+    n_batches = n // batch_size if drop_last else -(-n // batch_size)
+    if not 0 <= start_batch <= n_batches:
+        raise ValueError(f"start_batch {start_batch} outside 0..{n_batches} (batches in this epoch)")
+    order = epoch_order(n, seed, epoch) if train else torch.arange(n)
+    batches = _Batches(ds, order, batch_size, n_batches, seed, epoch, train, ten_patches, cfg)
+    return BatchLoader(batches, start_batch, cfg.workers if workers is None else workers, pin_memory)

@@ -1,0 +1,142 @@
+"""Loading the cache: deterministic shuffling and augmentation, resume at batch k, any worker count."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from splitnet.data import DataConfig, PackedDataset, ensure_cache, epoch_order, make_loader, prepare
+from splitnet.data import pipeline as P
+from splitnet.data import preparation
+
+
+def _source(root, classes=("ant", "bee", "cow"), n=7, n_val=2):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        for split, count in (("train", n), ("val", n_val)):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(count):
+                w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+                arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                arr[..., c] = 255  # a class colour, so labels are visible in the pixels
+                Image.fromarray(arr).save(d / f"{i:03d}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = _source(tmp_path_factory.mktemp("src"))
+    out = tmp_path_factory.mktemp("cache")
+    prepare(root, out, workers=1, shard_size=4, progress=False)  # 21 train images in 6 shards
+    return out
+
+
+def _all(loader):
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+
+
+def test_packed_dataset(cache):
+    ds = PackedDataset(cache, "train")
+    assert len(ds) == 21 and ds.classes == ["ant", "bee", "cow"] and ds.image_size == 256
+    img, label = ds[20]
+    assert img.shape == (3, 256, 256) and img.dtype == torch.uint8 and label == 2
+    assert ds.mean.shape == (3, 256, 256) and ds.mean.dtype == torch.float32
+    assert ds.eigvals.shape == (3,) and ds.eigvecs.shape == (3, 3)
+    assert ds.labels.tolist() == [0] * 7 + [1] * 7 + [2] * 7
+    x, y = ds.get_batch([20, 3, 9])
+    assert torch.equal(x[0], img) and y.tolist() == [2, 0, 1] and y.dtype == torch.int64
+    for img_, c in zip(x, (2, 0, 1)):  # the class colour survived: its channel is the brightest
+        m = img_.float().mean(dim=(1, 2))
+        assert m.argmax() == c and m[c] > m.min() + 50
+    with pytest.raises(FileNotFoundError, match="no 'test' split"):
+        PackedDataset(cache, "test")
+
+
+def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
+    a = epoch_order(100, seed=1, epoch=0)
+    assert sorted(a.tolist()) == list(range(100))
+    assert torch.equal(a, epoch_order(100, seed=1, epoch=0))
+    assert not torch.equal(a, epoch_order(100, seed=1, epoch=1))
+    assert not torch.equal(a, epoch_order(100, seed=2, epoch=0))
+
+
+def test_training_batches_are_the_defined_function_of_seed_epoch_position(cache):
+    ds = PackedDataset(cache, "train")
+    cfg = DataConfig()
+    batches = _all(make_loader(cache, "train", 4, seed=5, epoch=2, workers=0, dataset=ds))
+    assert len(batches) == 21 // 4  # drop_last when training
+    order = epoch_order(21, 5, 2)
+    for k, (x, y) in enumerate(batches):
+        idx = order[4 * k:4 * k + 4]
+        assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32
+        assert torch.equal(y, torch.from_numpy(ds.labels[idx.numpy()]))
+        images, _ = ds.get_batch(idx.numpy())
+        prm = P.sample_params(5, 2, range(4 * k, 4 * k + 4), cfg, 256)
+        assert torch.equal(x, P.train_batch(images, prm, ds.mean, ds.eigvals, ds.eigvecs, cfg))
+    again = _all(make_loader(cache, "train", 4, seed=5, epoch=2, workers=0))
+    assert _same(batches, again)
+    other = _all(make_loader(cache, "train", 4, seed=5, epoch=3, workers=0))
+    assert not _same(batches, other)
+
+
+def test_resume_at_batch_k_sees_exactly_the_uninterrupted_batches(cache):
+    full = _all(make_loader(cache, "train", 3, seed=11, epoch=4, workers=0))
+    for k in (0, 1, 4, len(full)):
+        resumed = make_loader(cache, "train", 3, seed=11, epoch=4, workers=0, start_batch=k)
+        assert len(resumed) == len(full) - k
+        assert _same(_all(resumed), full[k:])
+
+
+def test_worker_processes_do_not_change_the_batches(cache):
+    serial = _all(make_loader(cache, "train", 4, seed=3, epoch=0, workers=0))
+    parallel = _all(make_loader(cache, "train", 4, seed=3, epoch=0, workers=2))
+    assert _same(serial, parallel)
+    resumed = _all(make_loader(cache, "train", 4, seed=3, epoch=0, workers=2, start_batch=2))
+    assert _same(resumed, serial[2:])
+
+
+def test_evaluation_batches_centre_and_ten_patches(cache):
+    ds = PackedDataset(cache, "val")
+    centre = _all(make_loader(cache, "val", 4, train=False, workers=0))
+    assert [len(y) for _, y in centre] == [4, 2]  # no drop_last, cache order
+    assert torch.cat([y for _, y in centre]).tolist() == [0, 0, 1, 1, 2, 2]
+    img, _ = ds[0]
+    assert torch.equal(centre[0][0][0], img[:, 16:240, 16:240].float() - ds.mean[:, 16:240, 16:240])
+    ten = _all(make_loader(cache, "val", 4, train=False, workers=0, ten_patches=True))
+    assert ten[0][0].shape == (4, 10, 3, 224, 224)
+    assert torch.equal(ten[0][0][:, 4], centre[0][0])
+    assert torch.equal(ten[0][0][0, 5], (img[:, 0:224, 0:224].float() - ds.mean[:, 0:224, 0:224]).flip(-1))
+
+
+def test_ablation_switches_reach_the_loader(cache):
+    plain = DataConfig(random_crop=False, flip=False, lighting=False)
+    x, _ = next(iter(make_loader(cache, "train", 4, seed=0, workers=0, cfg=plain)))
+    ds = PackedDataset(cache, "train")
+    idx = epoch_order(len(ds), 0, 0)[:4].numpy()
+    images, _ = ds.get_batch(idx)
+    assert torch.equal(x, P.eval_batch(images, ds.mean, plain))  # = the centre patch minus the mean
+    raw = DataConfig(random_crop=False, flip=False, lighting=False, mean_subtraction=False)
+    x, _ = next(iter(make_loader(cache, "train", 4, seed=0, workers=0, cfg=raw)))
+    assert torch.equal(x, images[:, :, 16:240, 16:240].float())
+
+
+def test_loader_argument_errors(cache):
+    with pytest.raises(ValueError, match="crop_size 300"):
+        make_loader(cache, "train", 4, cfg=DataConfig(crop_size=300))
+    with pytest.raises(ValueError, match="start_batch"):
+        make_loader(cache, "train", 4, start_batch=99)
+
+
+def test_ensure_cache_prepares_once_then_reuses(tmp_path, cache, monkeypatch):
+    root = _source(tmp_path / "src", classes=("x", "y"), n=2, n_val=1)
+    got = ensure_cache(root, tmp_path / "work", DataConfig(prepare_workers=1))
+    assert got.parent == tmp_path / "work" / "cache" and (got / "cache.json").exists()
+    monkeypatch.setattr(preparation, "prepare", lambda *a, **k: pytest.fail("prepared twice"))
+    assert ensure_cache(root, tmp_path / "work") == got
+    assert ensure_cache(cache, tmp_path / "work") == cache  # a cache is used as it is
+    with pytest.raises(FileNotFoundError, match="neither a prepared cache"):
+        ensure_cache(tmp_path / "work", tmp_path / "work")
