@@ -38,35 +38,53 @@ def grouped_shapes(layout) -> dict:
 
 
 @torch.no_grad()
-def grouped_state_dict(model) -> dict:
-    """The single-device equivalent's state dict, as CPU tensors (copies, not views)."""
+def gather_grouped(model, tensor_of) -> dict:
+    """{conv1.weight: ..., fc8.bias: ...} of `tensor_of(param)` in grouped form, as CPU copies.
+
+    Stacking every column's output units along dim 0 is the grouped form for both kinds of layer: a
+    non-crossing column's weight [out_c, in_c, k, k] is one group's slice; a crossing column's
+    [out_c, sum in, k, k] reads all input channels already. Used for weights (grouped_state_dict) and
+    for anything shaped like them (the optimiser's velocities in a checkpoint).
+    """
     grouped_shapes(model.layout)  # raises if this layout has no grouped equivalent
     out = {}
     for row in model.layout.rows:
         parts = _parts(model, row)
-        # Stacking every column's output units along dim 0 is the grouped weight for both kinds of
-        # layer: a non-crossing column's weight [out_c, in_c, k, k] is one group's slice; a crossing
-        # column's [out_c, sum in, k, k] reads all input channels already.
         for key in ("weight", "bias"):
-            out[f"{row.name}.{key}"] = torch.cat([getattr(m, key).detach().cpu() for _, m in parts], 0)
+            out[f"{row.name}.{key}"] = torch.cat([tensor_of(getattr(m, key)).detach().cpu() for _, m in parts], 0)
     return out
 
 
-@torch.no_grad()
-def load_grouped_state_dict(model, state: dict) -> None:
-    """Load a grouped state dict; missing, unexpected or misshapen keys raise naming the key."""
+def check_grouped(model, state: dict, what: str = "grouped state dict") -> None:
+    """Missing, unexpected or misshapen keys raise naming the key."""
     expected = grouped_shapes(model.layout)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        raise KeyError(f"grouped state dict for layout {model.layout.name!r}: "
+        raise KeyError(f"{what} for layout {model.layout.name!r}: "
                        f"missing {missing or 'none'}, unexpected {unexpected or 'none'}")
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
-            raise ValueError(f"{key}: expected shape {list(shape)}, got {list(state[key].shape)}")
+            raise ValueError(f"{what}: {key}: expected shape {list(shape)}, got {list(state[key].shape)}")
+
+
+@torch.no_grad()
+def scatter_grouped(model, state: dict, assign) -> None:
+    """Split grouped tensors back into columns: assign(param, chunk) for every column parameter."""
     for row in model.layout.rows:
         parts = _parts(model, row)
         for key in ("weight", "bias"):
             chunks = torch.split(state[f"{row.name}.{key}"], [row.widths[c] for c, _ in parts], 0)
             for (_, m), chunk in zip(parts, chunks):
-                getattr(m, key).copy_(chunk)
+                assign(getattr(m, key), chunk)
+
+
+def grouped_state_dict(model) -> dict:
+    """The single-device equivalent's state dict, as CPU tensors (copies, not views)."""
+    return gather_grouped(model, lambda p: p)
+
+
+def load_grouped_state_dict(model, state: dict) -> None:
+    """Load a grouped state dict; missing, unexpected or misshapen keys raise naming the key."""
+    check_grouped(model, state)
+    scatter_grouped(model, state, lambda p, chunk: p.copy_(chunk))

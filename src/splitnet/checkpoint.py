@@ -1,0 +1,91 @@
+"""Checkpoints: written atomically, loadable with weights_only=True, placement-independent.
+
+Weights and the optimiser's velocities are stored in the grouped single-device form (convert.py), so a
+checkpoint written by any placement (two GPUs, the CPU emulation, torchrun ranks) loads into any
+other. Everything in it is a tensor, a number, a string, or lists/dicts of them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .convert import check_grouped, gather_grouped, scatter_grouped
+
+FORMAT = 1
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    st = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["cpu"])
+    if "cuda" in st and torch.cuda.is_available():
+        states = st["cuda"][:torch.cuda.device_count()]
+        for i, s in enumerate(states):
+            torch.cuda.set_rng_state(s, i)
+
+
+def model_payload(model, optimizer=None) -> dict:
+    out = {"model": gather_grouped(model, lambda p: p)}
+    if optimizer is not None:
+        def velocity(p):
+            st = optimizer.state.get(p, {})
+            return st["velocity"] if "velocity" in st else torch.zeros_like(p)
+        out["velocity"] = gather_grouped(model, velocity)
+    return out
+
+
+def load(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT or "model" not in ck:
+        raise ValueError(f"checkpoint {path} is not a splitnet checkpoint (format {FORMAT})")
+    return ck
+
+
+def restore_model(model, ck: dict, optimizer=None) -> None:
+    check_grouped(model, ck["model"], "checkpoint weights")
+    scatter_grouped(model, ck["model"], lambda p, chunk: p.copy_(chunk))
+    if optimizer is not None and "velocity" in ck:
+        check_grouped(model, ck["velocity"], "checkpoint velocities")
+
+        def put(p, chunk):
+            optimizer.state[p]["velocity"] = chunk.to(p.device, p.dtype).clone()
+        scatter_grouped(model, ck["velocity"], put)
+
+
+def model_from_checkpoint(ck: dict, devices=None):
+    """(SplitAlexNet with the checkpoint's weights, its TrainConfig, its class names)."""
+    from .config import from_dict, replace
+    from .model import SplitAlexNet
+    from .runconfig import TrainConfig
+
+    cfg = from_dict(TrainConfig, ck["config"])
+    classes = list(ck["classes"])
+    mcfg = replace(cfg.model, num_classes=len(classes))
+    model = SplitAlexNet(config=mcfg, devices=devices if devices is not None else (tuple(cfg.devices) or None))
+    restore_model(model, ck)
+    return model.eval(), cfg, classes

@@ -1,0 +1,138 @@
+"""Top-1 / top-5 error on the centre patch, on ten patches, and for ensembles (§4.1, §6, Table 2).
+
+Ten patches: the four corner patches, the centre patch and their horizontal reflections; the network's
+prediction is the average of its softmax outputs over the ten (probabilities, not logits). An
+ensemble (the paper's 5 and 7 CNNs) averages the models' probabilities likewise.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def predict_probs(model, batches, max_batches: int = 0):
+    """(probabilities [N, C] float32 CPU, labels [N] int64) over `batches` of (x, y).
+
+    x: [B, 3, S, S] (one patch) or [B, P, 3, S, S] (P patches per image: their probabilities are
+    averaged). The model is put in eval mode (paper dropout: outputs x0.5).
+    """
+    was_training = model.training
+    model.eval()
+    dev = model.devices[0] if hasattr(model, "devices") else next(model.parameters()).device
+    probs, labels = [], []
+    try:
+        for i, (x, y) in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            patches = x.shape[1] if x.dim() == 5 else 1
+            flat = x.flatten(0, 1) if x.dim() == 5 else x
+            p = F.softmax(model(flat.to(dev, non_blocking=True)).float(), dim=1)
+            p = p.view(x.shape[0], patches, -1).mean(1)  # mean of probabilities, §4.1
+            probs.append(p.cpu())
+            labels.append(y.cpu())
+    finally:
+        model.train(was_training)
+    if not probs:
+        raise ValueError("evaluation: no batches (empty validation split?)")
+    return torch.cat(probs), torch.cat(labels)
+
+
+def topk_errors(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
+    """{'top1_err': ..., 'top5_err': ...}: the share of images whose label is not among the k most
+    probable classes (k capped at the number of classes)."""
+    out = {}
+    for k in ks:
+        kk = min(k, probs.shape[1])
+        top = probs.topk(kk, dim=1).indices
+        hit = (top == labels[:, None]).any(1)
+        out[f"top{k}_err"] = 1.0 - hit.float().mean().item()
+    return out
+
+
+def ensemble(prob_list) -> torch.Tensor:
+    """Mean of several models' probabilities over the same images (Table 2's averaged CNNs)."""
+    if not prob_list:
+        raise ValueError("ensemble: no models")
+    shapes = {tuple(p.shape) for p in prob_list}
+    if len(shapes) != 1:
+        raise ValueError(f"ensemble: models' predictions differ in shape {sorted(shapes)}")
+    return torch.stack(prob_list).mean(0)
+
+
+# ---- command line -------------------------------------------------------------------------------
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5 error: centre patch, ten patches, ensembles")
+    p.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt (or its run directory)")
+    p.add_argument("--data", help="folder of class folders or prepared cache (default: the run's data)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--ten-crop", action="store_true", help="also the ten-patch prediction (§4.1)")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="CK",
+                   help="more checkpoints: also report the mean of all models' probabilities")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--devices", nargs="+", default=None)
+    p.add_argument("--json", dest="json_out", help="also write the results here")
+    p.set_defaults(func=_main)
+
+
+def _ck_path(p):
+    from pathlib import Path
+    p = Path(p)
+    return p / "checkpoint.pt" if p.is_dir() else p
+
+
+def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64, devices=None) -> list:
+    """Rows {model, patches, top1_err, top5_err, images}: each checkpoint, then their ensemble."""
+    from . import checkpoint as ckpt
+    from .config import replace
+    from .data import PackedDataset, make_loader
+    from .train import resolve_data
+
+    rows, probs = [], {1: [], 10: []}
+    labels = None
+    class_names = None
+    for path in paths:
+        ck = ckpt.load(_ck_path(path))
+        model, cfg, classes = ckpt.model_from_checkpoint(ck, devices)
+        if class_names is not None and classes != class_names:
+            raise ValueError(f"{path}: its classes differ from {paths[0]}'s; cannot ensemble them")
+        class_names = classes
+        dcfg = replace(cfg.data, root=str(data)) if data else cfg.data
+        cache, _ = resolve_data(dcfg)
+        ds = PackedDataset(cache, split)
+        if ds.classes != classes:
+            raise ValueError(f"{cache}: classes differ from those {path} was trained on")
+        for patches in ((1, 10) if ten else (1,)):
+            loader = make_loader(cache, split, batch_size, 0, 0, train=False, cfg=dcfg, dataset=ds,
+                                 ten_patches=patches == 10)
+            p, y = predict_probs(model, loader)
+            labels = y
+            probs[patches].append(p)
+            rows.append(dict(model=str(path), patches=patches, images=len(y), **topk_errors(p, y)))
+    if len(paths) > 1:
+        for patches, plist in probs.items():
+            if plist:
+                rows.append(dict(model=f"ensemble of {len(paths)}", patches=patches, images=len(labels),
+                                 **topk_errors(ensemble(plist), labels)))
+    return rows
+
+
+def format_rows(rows) -> str:
+    lines = ["| model | patches | images | top-1 err | top-5 err |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {'centre' if r['patches'] == 1 else 'ten'} | {r['images']} | "
+                     f"{100 * r['top1_err']:.2f}% | {100 * r['top5_err']:.2f}% |")
+    return "\n".join(lines)
+
+
+def _main(args) -> int:
+    import json
+    from pathlib import Path
+
+    rows = evaluate_checkpoints([args.checkpoint, *args.ensemble], args.data, args.split, args.ten_crop,
+                                args.batch_size, tuple(args.devices) if args.devices else None)
+    print(format_rows(rows))
+    print(json.dumps(rows))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=2))
+    return 0

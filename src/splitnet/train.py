@@ -1,0 +1,390 @@
+"""Training (§5): the paper's SGD on the split model, with run directories that resume exactly.
+
+A run directory holds:
+  config.toml      the resolved config (paper defaults + the experiment file + --set overrides)
+  run.json         git commit, devices, data set, classes, start time
+  metrics.jsonl    one JSON object per line: {"kind": "train", step, epoch, loss, lr, ...} per step,
+                   {"kind": "eval", epoch, step, val_top1_err, val_top5_err} per evaluation
+  checkpoint.pt    the last checkpoint (atomic: temporary file, then rename); weights_only loadable
+SIGINT/SIGTERM finish the current step, save and exit; `--resume` continues with exactly the batches,
+dropout masks and losses of an uninterrupted run (bitwise on the CPU). A NaN or infinite loss stops the
+run with a message naming the step; the last good checkpoint is kept.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .config import replace
+from .data import DataConfig, PackedDataset, ensure_cache, make_loader, make_synthetic
+from .evaluate import predict_probs, topk_errors
+from .model import SplitAlexNet
+from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
+from .runconfig import TrainConfig, dump_toml, load_config
+
+log = logging.getLogger("splitnet")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (NaN loss, ...); the last good checkpoint is kept."""
+
+
+def data_home() -> Path:
+    """Where the built-in data set and caches live: $SPLITNET_DATA, default runs/data."""
+    return Path(os.environ.get("SPLITNET_DATA", "runs/data"))
+
+
+def resolve_data(dcfg: DataConfig) -> tuple:
+    """(cache folder, description). No data configured: the built-in synthetic set (generated once)."""
+    home = data_home()
+    if dcfg.root:
+        return ensure_cache(dcfg.root, home, dcfg), f"{dcfg.root}"
+    root = make_synthetic(home / "synthetic")
+    return ensure_cache(root, home, dcfg), "built-in synthetic set (splitnet data synth, seed 0)"
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop checks it after each step, saves and leaves."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading_main():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second ^C: the user means it
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("train: %s received; finishing this step, saving, exiting",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+class _Progress:
+    """tqdm on a terminal; plain log lines every `every` steps otherwise (CI logs, files)."""
+
+    def __init__(self, total: int, done: int, every: int, enabled: bool = True):
+        self.total, self.every, self.t0, self.done0 = total, every, time.time(), done
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", lr=f"{lr:g}", img_s=f"{ips:.0f}")
+        elif self.enabled and (step % self.every == 0 or step == self.total):
+            el = time.time() - self.t0
+            rate = (step - self.done0) / el if el > 0 else 0.0
+            left = (self.total - step) / rate if rate > 0 else float("nan")
+            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:g} "
+                  f"{ips:.1f} img/s, {_hms(el)} elapsed, {_hms(left)} left", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _hms(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Metrics:
+    """metrics.jsonl: appended line by line and flushed, so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "a")
+
+    def write(self, **rec) -> None:
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+    @staticmethod
+    def truncate_to(path: Path, step: int, epoch: int) -> None:
+        """Drop lines a resumed run will write again: train steps after `step`, evals of epochs >= epoch."""
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if r.get("kind") == "eval" and r.get("epoch", 0) >= epoch:
+                continue
+            if r.get("kind") == "train" and r.get("step", 0) > step:
+                continue
+            keep.append(line)
+        path.write_text("".join(k + "\n" for k in keep))
+
+
+def read_metrics(run_dir) -> list:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def _schedule(cfg: TrainConfig):
+    o = cfg.optim
+    if o.schedule == "plateau":
+        return PlateauSchedule(o.patience, o.factor, o.max_drops, o.min_delta)
+    if o.schedule == "milestones":
+        return MilestoneSchedule(o.milestones, o.factor)
+    return None
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> SplitAlexNet:
+    mcfg = replace(cfg.model, num_classes=num_classes)
+    return SplitAlexNet(config=mcfg, devices=tuple(cfg.devices) or None)
+
+
+def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(), progress: bool = True) -> dict:
+    """Train `cfg` into run directory `out` (or resume the run there). Returns a summary dict:
+    {status: finished|max_steps|max_minutes|interrupted, step, epoch, run_dir, last eval ...}."""
+    out = Path(out)
+    ck = None
+    if resume:
+        if not (out / "config.toml").is_file():
+            raise FileNotFoundError(f"{out}: not a run directory (no config.toml) to resume")
+        import tomllib
+        cfg = load_config(None, sets, base=tomllib.loads((out / "config.toml").read_text()))
+        ck = ckpt.load(out / "checkpoint.pt") if (out / "checkpoint.pt").exists() else None
+    elif cfg is None:
+        raise ValueError("train: a config is needed unless resuming")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(dump_toml(cfg))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    cache, data_desc = resolve_data(cfg.data)
+    train_ds = PackedDataset(cache, "train")
+    val_ds = PackedDataset(cache, "val") if _has_split(cache, "val") else None
+    classes = train_ds.classes
+    torch.manual_seed(cfg.seed)  # init and dropout masks
+    model = build_model(cfg, len(classes))
+    opt = PaperSGD(param_groups(model, cfg.optim.weight_decay, cfg.optim.bias_decay),
+                   lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    sched = _schedule(cfg)
+    step, epoch, batch = 0, 0, 0
+    if ck is not None:
+        ckpt.restore_model(model, ck, opt)
+        for g in opt.param_groups:
+            g["lr"] = float(ck["lr"])
+        if sched is not None and ck.get("schedule"):
+            sched.load_state_dict(ck["schedule"])
+        step, epoch, batch = int(ck["step"]), int(ck["epoch"]), int(ck["batch"])
+        ckpt.set_rng_state(ck["rng"])
+        Metrics.truncate_to(out / "metrics.jsonl", step, epoch)
+        log.info("train: resuming %s at step %d (epoch %d, batch %d)", out, step, epoch, batch)
+    elif resume:
+        log.info("train: %s has no checkpoint yet; starting from step 0", out)
+        Metrics.truncate_to(out / "metrics.jsonl", 0, 0)
+    (out / "run.json").write_text(json.dumps({
+        "commit": git_commit(), "devices": [str(d) for d in model.devices], "data": data_desc,
+        "cache": str(cache), "classes": classes, "train_images": len(train_ds),
+        "val_images": len(val_ds) if val_ds is not None else 0, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "layout": model.layout.name,
+        "exchange_bytes_per_image": model.layout.exchange_bytes_per_image(),
+        "params": model.layout.params(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+
+    n_batches = len(train_ds) // cfg.batch_size
+    if n_batches == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(train_ds)} images)")
+    total = cfg.epochs * n_batches
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    metrics = Metrics(out / "metrics.jsonl")
+    bar = _Progress(total, step, cfg.log_every, progress)
+    state = dict(step=step, epoch=epoch, batch=batch)
+
+    def save():
+        payload = ckpt.model_payload(model, opt)
+        payload.update(format=ckpt.FORMAT, step=state["step"], epoch=state["epoch"], batch=state["batch"],
+                       lr=opt.param_groups[0]["lr"], rng=ckpt.rng_state(),
+                       schedule=sched.state_dict() if sched is not None else {},
+                       config=_plain(cfg), classes=list(classes), layout=model.layout.name)
+        ckpt.atomic_save(payload, out / "checkpoint.pt")
+
+    in_dev = model.devices[0]
+    head_dev = model.devices[model.layout.head]
+    status, t_start = "finished", time.time()
+    last_eval = {}
+    try:
+        with _Stop() as stop:
+            while state["epoch"] < cfg.epochs and status == "finished":
+                e = state["epoch"]
+                loader = make_loader(cache, "train", cfg.batch_size, cfg.seed, e, train=True,
+                                     start_batch=state["batch"], cfg=cfg.data, dataset=train_ds,
+                                     pin_memory=in_dev.type == "cuda")
+                # Creating the iterator draws a base seed from the global RNG; fork it so the dropout
+                # masks' RNG stream does not depend on where in an epoch a run was resumed.
+                with torch.random.fork_rng(devices=[]):
+                    it = iter(loader)
+                while True:
+                    if cfg.max_steps and state["step"] >= cfg.max_steps:
+                        status = "max_steps"
+                        break
+                    if cfg.max_minutes and time.time() - t_start >= 60 * cfg.max_minutes:
+                        status = "max_minutes"
+                        break
+                    try:
+                        x, y = next(it)
+                    except StopIteration:
+                        break
+                    except Exception:
+                        if stop.signal is not None:  # a worker killed by the same ^C
+                            status = "interrupted"
+                            break
+                        raise
+                    t0 = time.time()
+                    x = x.to(in_dev, non_blocking=True)
+                    y = y.to(head_dev, non_blocking=True)
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    lv = loss.item()
+                    if not math.isfinite(lv):
+                        raise TrainingError(
+                            f"loss is {lv} at step {state['step'] + 1} (epoch {e}); stopped. The last good "
+                            f"checkpoint ({out / 'checkpoint.pt'}, step {_ck_step(out)}) is kept. "
+                            f"Lower optim.lr or check the data.")
+                    opt.step()
+                    err = (logits.argmax(1) != y).float().mean().item()
+                    state["step"] += 1
+                    state["batch"] += 1
+                    dt = time.time() - t0
+                    lr = opt.param_groups[0]["lr"]
+                    metrics.write(kind="train", step=state["step"], epoch=e, batch=state["batch"], loss=lv,
+                                  train_top1_err=err, lr=lr, step_s=dt, images_per_s=len(x) / dt)
+                    bar.update(state["step"], e, lv, lr, len(x) / dt)
+                    if stop.signal is not None:
+                        status = "interrupted"
+                        break
+                    if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                        save()
+                if status != "finished":
+                    break
+                # End of epoch: evaluate, maybe drop eps (§5), checkpoint at the next epoch's start.
+                if val_ds is not None and (e + 1) % cfg.eval_every == 0:
+                    last_eval = evaluate_split(model, cache, val_ds, cfg)
+                    metrics.write(kind="eval", epoch=e, step=state["step"], **last_eval)
+                    log.info("epoch %d: val top-1 err %.4f, top-5 err %.4f", e, last_eval["val_top1_err"],
+                             last_eval["val_top5_err"])
+                if sched is not None and sched.step(e, last_eval.get("val_top1_err")):
+                    new = drop_lr(opt, cfg.optim.factor)
+                    log.info("epoch %d: learning rate divided by %g -> %g", e, cfg.optim.factor, new)
+                state["epoch"] += 1
+                state["batch"] = 0
+                save()
+            if status in ("max_steps", "max_minutes") and cfg.eval_at_stop and val_ds is not None:
+                last_eval = evaluate_split(model, cache, val_ds, cfg)
+                metrics.write(kind="eval", epoch=state["epoch"], step=state["step"], at_stop=True, **last_eval)
+                log.info("stopped at step %d (%s): val top-1 err %.4f, top-5 err %.4f", state["step"], status,
+                         last_eval["val_top1_err"], last_eval["val_top5_err"])
+            if status != "finished":
+                save()
+    finally:
+        bar.close()
+        metrics.close()
+    summary = dict(status=status, run_dir=str(out), **state, minutes=(time.time() - t_start) / 60, **last_eval)
+    if status == "interrupted":
+        log.warning("train: interrupted at step %d; resume with: splitnet train --resume %s", state["step"], out)
+    return summary
+
+
+def _ck_step(out: Path):
+    try:
+        return int(ckpt.load(out / "checkpoint.pt")["step"])
+    except (FileNotFoundError, ValueError):
+        return "none yet"
+
+
+def _has_split(cache, split: str) -> bool:
+    try:
+        PackedDataset(cache, split)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def evaluate_split(model, cache, ds, cfg: TrainConfig, ten: bool = False) -> dict:
+    """Centre-patch (or ten-patch) top-1/top-5 error on the validation split."""
+    loader = make_loader(cache, "val", cfg.eval_batch_size, cfg.seed, 0, train=False, cfg=cfg.data,
+                         dataset=ds, ten_patches=ten)
+    probs, labels = predict_probs(model, loader, cfg.eval_max_batches)
+    errs = topk_errors(probs, labels)
+    return {f"val_{k}": v for k, v in errs.items()}
+
+
+def _plain(cfg) -> dict:
+    from .config import to_dict
+    return to_dict(cfg)
+
+
+# ---- command line -------------------------------------------------------------------------------
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model (the paper's recipe; experiments/*.toml)")
+    p.add_argument("--config", help="TOML file (experiments/...); default: the paper's values")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. max_steps=10 or optim.lr=0.02 (repeatable)")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--resume", metavar="RUNDIR", help="continue the run in RUNDIR")
+    p.add_argument("--data", help="a folder of class folders or a prepared cache (sets data.root)")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    sets = list(args.sets) + ([f'data.root="{args.data}"'] if args.data else [])
+    if args.resume:
+        summary = train(out=args.resume, resume=True, sets=sets)
+    else:
+        if not args.out:
+            raise FileNotFoundError("train: --out RUNDIR is needed (or --resume RUNDIR)")
+        summary = train(load_config(args.config, sets), args.out)
+    print(json.dumps(summary))
+    return 130 if summary["status"] == "interrupted" else 0
