@@ -24,7 +24,7 @@ PYTHON := $(VENV)/bin/python
 ENV_STAMP := $(VENV)/.installed
 endif
 
-.PHONY: env test bench clean
+.PHONY: env test bench reproduce clean
 
 env: $(ENV_STAMP)
 
@@ -40,6 +40,10 @@ test: $(ENV_STAMP)
 
 bench: $(ENV_STAMP)
 	$(PYTHON) -m splitnet bench --out runs/bench.json
+
+# make reproduce [OUT=runs/reproduce] [DATA=/path/to/imagenet]: the paper's pipeline end to end.
+reproduce: $(ENV_STAMP)
+	$(PYTHON) -m splitnet reproduce --out $(OUT) $(if $(DATA),--data $(DATA),)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

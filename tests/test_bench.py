@@ -6,7 +6,7 @@ from splitnet.cli import main
 
 def test_bench_tiny(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--batch", "2", "--reps", "1", "--placements", "cpu", "--out", str(out)]) == 0
+    assert main(["bench", "--batch", "2", "--reps", "1", "--placements", "cpu", "--no-data", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     cpu = res["cpu"]
     for key in ("train_ratio_split_over_grouped", "infer_ratio_split_over_grouped", "train_mfu",

@@ -13,6 +13,14 @@ and reported as ratios, because absolute timings on shared machines are noise. J
   <placement>.train_mfu                       model FLOPs (6 x MACs per image: forward + backward)
                                              per second of the split model, over that peak
 placement: "cpu" (the CPU emulation), "cuda" (both columns on cuda:0) when a GPU exists.
+
+  data.decode_images_per_s_per_core     preparation: JPEG decode + rescale + centre crop, one process
+  data.cached_images_per_s_per_core     training input from the cache (crop, flip, lighting, mean),
+                                        in-process, one thread
+  data.one_worker_images_per_s          the same through one DataLoader worker process
+  data.cached_over_decode               goal >= 10
+  data.one_worker_over_train_step       one worker's supply over the CPU training step's consumption
+                                        (cpu.train_images_per_s_split); goal >= 3
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ def register(sub) -> None:
     p.add_argument("--layout", default="paper")
     p.add_argument("--placements", nargs="*", default=None,
                    help="cpu and/or cuda (default: cpu, plus cuda when a GPU exists)")
+    p.add_argument("--no-data", action="store_true", help="skip the data path measurement")
     p.set_defaults(func=_main)
 
 
@@ -125,6 +134,44 @@ def compare(layout: str = "paper", device: str = "cpu", batch: int = 128, reps: 
     return res
 
 
+def data_path(batch: int = 128, train_images_per_s: float | None = None) -> dict:
+    """Images/s of preparation (decode) and of the cached training path, on a synthetic folder."""
+    import shutil
+    import tempfile
+
+    from .data import DataConfig, make_loader, make_synthetic, prepare
+
+    tmp = Path(tempfile.mkdtemp(prefix="splitnet-bench-"))
+    threads = torch.get_num_threads()
+    try:
+        root = make_synthetic(tmp / "src", seed=0, classes=10, train_per_class=40, val_per_class=1, workers=1)
+        t0 = time.perf_counter()
+        report = prepare(root, tmp / "cache", workers=1, progress=False)
+        decode = sum(sp["packed"] for sp in report["splits"].values()) / (time.perf_counter() - t0)
+        cfg = DataConfig()
+        torch.set_num_threads(1)
+        rates = {}
+        for workers in (0, 1):
+            n, t0 = 0, None
+            for epoch in range(3):
+                for x, _ in make_loader(tmp / "cache", "train", min(batch, 400), seed=0, epoch=epoch,
+                                        train=True, workers=workers, cfg=cfg):
+                    if t0 is None:  # skip the first batch: worker start-up, page cache
+                        t0 = time.perf_counter()
+                        continue
+                    n += len(x)
+            rates[workers] = n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = {"decode_images_per_s_per_core": decode, "cached_images_per_s_per_core": rates[0],
+           "one_worker_images_per_s": rates[1], "cached_over_decode": rates[0] / decode}
+    if train_images_per_s:
+        out["train_step_images_per_s"] = train_images_per_s
+        out["one_worker_over_train_step"] = rates[1] / train_images_per_s
+    return out
+
+
 def _print(res: dict) -> None:
     for place, r in res.items():
         if not isinstance(r, dict) or "train_ratio_split_over_grouped" not in r:
@@ -136,9 +183,16 @@ def _print(res: dict) -> None:
             print(f"  {mode:<10}{s:>10.3f}{g:>11.3f}{s / g:>8.3f}{r['batch'] / s:>13.1f}")
         print(f"  fp32 matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s, "
               f"training model FLOP utilisation {100 * r['train_mfu']:.1f}%")
+    d = res.get("data")
+    if d:
+        print(f"\n[data] decode {d['decode_images_per_s_per_core']:.0f} img/s/core; cached path "
+              f"{d['cached_images_per_s_per_core']:.0f} img/s/core (x{d['cached_over_decode']:.1f} decode); "
+              f"one worker {d['one_worker_images_per_s']:.0f} img/s"
+              + (f" (x{d['one_worker_over_train_step']:.1f} the CPU training step's "
+                 f"{d['train_step_images_per_s']:.1f} img/s)" if "one_worker_over_train_step" in d else ""))
 
 
-def run(placements=None, layout="paper", batch=128, reps=3) -> dict:
+def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True) -> dict:
     if placements is None:
         placements = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     res = {"host": {"python": sys.version.split()[0], "torch": torch.__version__,
@@ -149,11 +203,13 @@ def run(placements=None, layout="paper", batch=128, reps=3) -> dict:
         if place == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("bench: placement 'cuda' asked for, but no CUDA device is present")
         res[place] = compare(layout, "cuda:0" if place == "cuda" else "cpu", batch, reps)
+    if data:
+        res["data"] = data_path(batch, res.get("cpu", {}).get("train_images_per_s_split"))
     return res
 
 
 def _main(args) -> int:
-    res = run(args.placements, args.layout, args.batch, args.reps)
+    res = run(args.placements, args.layout, args.batch, args.reps, not args.no_data)
     _print(res)
     if args.out:
         out = Path(args.out)

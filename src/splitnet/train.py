@@ -99,8 +99,9 @@ def threading_main() -> bool:
 class _Progress:
     """tqdm on a terminal; plain log lines every `every` steps otherwise (CI logs, files)."""
 
-    def __init__(self, total: int, done: int, every: int, enabled: bool = True):
+    def __init__(self, total: int, done: int, every: int, enabled: bool = True, max_seconds: float = 0.0):
         self.total, self.every, self.t0, self.done0 = total, every, time.time(), done
+        self.max_seconds = max_seconds  # a time cap (max_minutes) bounds the time left too
         self.bar = None
         self.enabled = enabled
         if enabled and sys.stderr.isatty():
@@ -115,6 +116,8 @@ class _Progress:
             el = time.time() - self.t0
             rate = (step - self.done0) / el if el > 0 else 0.0
             left = (self.total - step) / rate if rate > 0 else float("nan")
+            if self.max_seconds:
+                left = min(left, max(0.0, self.max_seconds - el))
             print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:g} "
                   f"{ips:.1f} img/s, {_hms(el)} elapsed, {_hms(left)} left", file=sys.stderr, flush=True)
 
@@ -238,7 +241,7 @@ def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     metrics = Metrics(out / "metrics.jsonl")
-    bar = _Progress(total, step, cfg.log_every, progress)
+    bar = _Progress(total, step, cfg.log_every, progress, 60 * cfg.max_minutes)
     state = dict(step=step, epoch=epoch, batch=batch)
 
     def save():
@@ -356,7 +359,10 @@ def evaluate_split(model, cache, ds, cfg: TrainConfig, ten: bool = False) -> dic
     """Centre-patch (or ten-patch) top-1/top-5 error on the validation split."""
     loader = make_loader(cache, "val", cfg.eval_batch_size, cfg.seed, 0, train=False, cfg=cfg.data,
                          dataset=ds, ten_patches=ten)
-    probs, labels = predict_probs(model, loader, cfg.eval_max_batches)
+    # The DataLoader draws a base seed from the global RNG: fork it, so that evaluating (or not, at a
+    # stop) leaves the training's dropout stream exactly where it was.
+    with torch.random.fork_rng(devices=[]):
+        probs, labels = predict_probs(model, loader, cfg.eval_max_batches)
     errs = topk_errors(probs, labels)
     return {f"val_{k}": v for k, v in errs.items()}
 

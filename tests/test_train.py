@@ -1,0 +1,190 @@
+"""Training runs end to end on a tiny synthetic set: resume is exact, signals save, NaN stops cleanly,
+checkpoints load with weights_only=True, evaluation averages probabilities."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitnet import checkpoint as ckpt
+from splitnet.cli import main
+from splitnet.data import ensure_cache, make_synthetic
+from splitnet.evaluate import ensemble, predict_probs, topk_errors
+from splitnet.runconfig import load_config
+from splitnet.train import TrainingError, read_metrics, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "experiments" / "smoke.toml"
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    home = tmp_path_factory.mktemp("data")
+    root = make_synthetic(home / "syn", seed=1, classes=10, train_per_class=8, val_per_class=3)
+    cache = ensure_cache(root, home)
+    os.environ["SPLITNET_DATA"] = str(home)
+    return cache
+
+
+def _sets(cache, *extra):
+    return [f'data.root="{cache}"', "batch_size=8", "data.workers=0", "eval_batch_size=16", "threads=2",
+            *extra]
+
+
+def _losses(run):
+    return [m["loss"] for m in read_metrics(run) if m["kind"] == "train"]
+
+
+@pytest.fixture(scope="session")
+def straight_run(tiny_cache, tmp_path_factory):
+    """An uninterrupted run of 6 steps (80 images, batch 8: 10 steps per epoch)."""
+    out = tmp_path_factory.mktemp("straight")
+    train(load_config(SMOKE, _sets(tiny_cache, "max_steps=6")), out, progress=False)
+    return out
+
+
+def test_run_directory_contents(straight_run):
+    for name in ("config.toml", "run.json", "metrics.jsonl", "checkpoint.pt"):
+        assert (straight_run / name).is_file(), name
+    info = json.loads((straight_run / "run.json").read_text())
+    assert info["commit"] and info["devices"] == ["cpu", "cpu"] and len(info["classes"]) == 10
+    recs = read_metrics(straight_run)
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
+    assert all({"step", "epoch", "loss", "lr"} <= set(r) for r in train_recs)
+    ev = [r for r in recs if r["kind"] == "eval"]
+    assert ev and {"val_top1_err", "val_top5_err"} <= set(ev[-1])
+    # The resolved config is what load_config reads back.
+    import tomllib
+    assert load_config(None, base=tomllib.loads((straight_run / "config.toml").read_text())).max_steps == 6
+
+
+def test_checkpoint_loads_weights_only(straight_run):
+    ck = torch.load(straight_run / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 6 and ck["model"]["fc8.weight"].shape == (10, 4096)
+    assert set(ck["velocity"]) == set(ck["model"])
+    model, cfg, classes = ckpt.model_from_checkpoint(ck, devices="cpu")
+    assert torch.equal(model.grouped_state_dict()["conv3.weight"], ck["model"]["conv3.weight"])
+
+
+def test_resume_is_exact(tiny_cache, straight_run, tmp_path):
+    out = tmp_path / "run"
+    s = train(load_config(SMOKE, _sets(tiny_cache, "max_steps=3")), out, progress=False)
+    assert s["status"] == "max_steps" and s["step"] == 3
+    s = train(out=out, resume=True, sets=["max_steps=6"], progress=False)
+    assert s["step"] == 6
+    assert _losses(out) == _losses(straight_run)  # bitwise, on the CPU
+    a, b = ckpt.load(out / "checkpoint.pt"), ckpt.load(straight_run / "checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_sigint_saves_and_resume_continues(tiny_cache, straight_run, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    cmd = [sys.executable, "-m", "splitnet", "train", "--config", str(SMOKE), "--out", str(out)]
+    for s in _sets(tiny_cache, "max_steps=6"):
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and _losses(out):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "resume with" in err
+    ck = ckpt.load(out / "checkpoint.pt")
+    assert 1 <= ck["step"] < 6 and ck["step"] == len(_losses(out))
+    train(out=out, resume=True, progress=False)
+    assert _losses(out) == _losses(straight_run)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cache, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(SMOKE, _sets(tiny_cache, "max_steps=6", "optim.lr=1e8", "checkpoint_every=1"))
+    with pytest.raises(TrainingError, match="loss is (nan|inf).*step"):
+        train(cfg, out, progress=False)
+    ck = ckpt.load(out / "checkpoint.pt")
+    assert ck["step"] >= 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_bad_config_key_is_one_line(tmp_path, capsys):
+    assert main(["train", "--config", str(SMOKE), "--out", str(tmp_path / "r"), "--set", "optim.lrr=1"]) == 2
+    assert "optim.lrr: unknown key" in capsys.readouterr().err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "r")]) == 2
+    assert "nope.toml" in capsys.readouterr().err
+
+
+class _PatchModel(torch.nn.Module):
+    """Returns fixed logits per patch index (pixel [0,0,0] holds the patch index)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.tensor(table)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.table[x[:, 0, 0, 0].long()]
+
+
+def test_ten_patch_prediction_averages_probabilities_not_logits():
+    # Two patches say B mildly, one says "not B" extremely: mean probabilities pick B, mean logits A.
+    table = [[0.0, 2.0], [0.0, 2.0], [0.0, -100.0]]
+    x = torch.zeros(1, 3, 3, 4, 4)
+    for p in range(3):
+        x[0, p, 0, 0, 0] = p
+    probs, labels = predict_probs(_PatchModel(table), [(x, torch.tensor([1]))])
+    expect = torch.softmax(torch.tensor(table), 1).mean(0)
+    assert torch.allclose(probs[0], expect)
+    assert probs[0].argmax() == 1
+    assert torch.tensor(table).mean(0).argmax() == 0  # what averaging logits would have said
+    assert topk_errors(probs, labels, ks=(1,))["top1_err"] == 0.0
+
+
+def test_ensemble_is_the_mean_of_probabilities():
+    p1 = torch.tensor([[0.6, 0.4], [0.2, 0.8]])
+    p2 = torch.tensor([[0.2, 0.8], [0.4, 0.6]])
+    e = ensemble([p1, p2])
+    assert torch.allclose(e, torch.tensor([[0.4, 0.6], [0.3, 0.7]]))
+    assert topk_errors(e, torch.tensor([1, 0]), ks=(1,))["top1_err"] == 0.5
+    with pytest.raises(ValueError):
+        ensemble([p1, torch.zeros(3, 2)])
+
+
+def test_eval_command_with_ensemble(straight_run, tiny_cache, capsys, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(straight_run), "--ten-crop", "--ensemble", str(straight_run),
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    kinds = [(r["model"].startswith("ensemble"), r["patches"]) for r in rows]
+    assert kinds == [(False, 1), (False, 10), (False, 1), (False, 10), (True, 1), (True, 10)]
+    # An ensemble of a model with itself is that model.
+    assert rows[4]["top1_err"] == rows[0]["top1_err"] and rows[5]["top5_err"] == rows[1]["top5_err"]
+    assert all(r["images"] == 30 for r in rows)
+
+
+def test_reproduce_writes_a_report_with_all_figures(tiny_cache, tmp_path):
+    out = tmp_path / "rep"
+    assert main(["reproduce", "--out", str(out), "--config", str(SMOKE), "--set", f'data.root="{tiny_cache}"',
+                 "--set", "batch_size=8", "--set", "max_steps=2", "--set", "data.workers=0"]) == 0
+    text = (out / "report.md").read_text()
+    for fig in ("figure3_conv1_kernels.png", "figure4_predictions_neighbours.png", "training_curves.png"):
+        assert (out / "figures" / fig).stat().st_size > 1000, fig
+        assert fig in text
+    for needle in ("40.7", "37.5", "chance on our data", "Colour specificity", "bytes per image", "smoke"):
+        assert needle in text, needle
+    # Running it again reuses the trained run instead of training again.
+    mtime = (out / "run" / "checkpoint.pt").stat().st_mtime
+    assert main(["reproduce", "--out", str(out), "--config", str(SMOKE), "--set", f'data.root="{tiny_cache}"',
+                 "--set", "batch_size=8", "--set", "max_steps=2", "--set", "data.workers=0"]) == 0
+    assert (out / "run" / "checkpoint.pt").stat().st_mtime == mtime
