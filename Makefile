@@ -24,7 +24,7 @@ PYTHON := $(VENV)/bin/python
 ENV_STAMP := $(VENV)/.installed
 endif
 
-.PHONY: env test bench reproduce clean
+.PHONY: env test bench reproduce ablations clean
 
 env: $(ENV_STAMP)
 
@@ -44,6 +44,12 @@ bench: $(ENV_STAMP)
 # make reproduce [OUT=runs/reproduce] [DATA=/path/to/imagenet]: the paper's pipeline end to end.
 reproduce: $(ENV_STAMP)
 	$(PYTHON) -m splitnet reproduce --out $(OUT) $(if $(DATA),--data $(DATA),)
+
+# make ablations [ABL_OUT=runs/ablations] [DATA=...] [SEEDS=1]: every experiment in experiments/ablations/.
+ABL_OUT ?= runs/ablations
+SEEDS ?= 1
+ablations: $(ENV_STAMP)
+	$(PYTHON) -m splitnet ablate --out $(ABL_OUT) --seeds $(SEEDS) $(if $(DATA),--data $(DATA),)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

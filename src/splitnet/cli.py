@@ -17,15 +17,16 @@ from .placement import DeviceError
 
 # Modules that contribute subcommands, in the order `splitnet --help` lists them.
 COMMAND_MODULES = ("splitnet.commands", "splitnet.data.cli", "splitnet.train", "splitnet.evaluate",
-                   "splitnet.report", "splitnet.bench")
+                   "splitnet.report", "splitnet.ablate", "splitnet.bench")
 
 USER_ERRORS = (ConfigError, LayoutError, DeviceError, FileNotFoundError, NotADirectoryError)
 
 
 def _user_errors() -> tuple:
     """Errors printed as one line: the user's input or a run that cannot go on, not a bug."""
+    from .distributed import DistributedError
     from .train import TrainingError
-    return USER_ERRORS + (TrainingError,)
+    return USER_ERRORS + (TrainingError, DistributedError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,12 @@ class ModelConfig:
     # "paper": alpha multiplies the plain sum of squares, as P prints it.
     # "code": cuda-convnet/Caffe/torch divide alpha by the window size n.
     lrn_convention: str = "paper"
+    # "column": each column normalises its own maps (the original code's rnorm1a/rnorm1b);
+    # "all": across every column's maps, as Caffe's single-device net (needs an exchange).
+    lrn_scope: str = "column"
+    pool: tuple = (3, 2)  # (window, stride) of the max pooling layers; (3, 2) overlaps (§3.4)
+    cross_add: tuple = ()  # layers that also read every column (e.g. ["conv5"])
+    cross_remove: tuple = ()  # layers of the layout that no longer cross
     dropout: float = 0.5  # §4.2, on the outputs of fc6 and fc7
     dropout_mode: str = "paper"  # "paper": mask at train, x(1-p) at eval; "inverted": /(1-p) at train
     init_std: float = 0.01  # §5: every weight ~ N(0, 0.01^2)
@@ -50,6 +56,9 @@ class ModelConfig:
         _choice(self, "activation", ("relu", "tanh"))
         _choice(self, "lrn_convention", ("paper", "code"))
         _choice(self, "dropout_mode", ("paper", "inverted"))
+        _choice(self, "lrn_scope", ("column", "all"))
+        if len(self.pool) != 2 or any((not isinstance(v, int)) or v < 1 for v in self.pool):
+            raise ConfigError(f"pool: expected [window, stride] (positive integers), got {list(self.pool)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
         if self.num_classes < 1:

@@ -11,9 +11,44 @@ from __future__ import annotations
 import torch
 
 
-def _parts(model, row):
-    """(column index, module) of the columns that compute `row`."""
-    return [(c, getattr(col, row.name)) for c, col in enumerate(model.columns) if row.widths[c] > 0]
+def _computing(layout, row) -> list:
+    return [c for c, w in enumerate(row.widths) if w > 0]
+
+
+def column_tensors(model, tensor_of) -> list:
+    """Per column: {"conv1.weight": tensor_of(param), ...} (CPU copies); None for a column that lives
+    in another process (distributed placement)."""
+    out = []
+    for col in model.columns:
+        if not getattr(col, "is_local", True):
+            out.append(None)
+            continue
+        out.append({f"{row.name}.{key}": tensor_of(getattr(getattr(col, row.name), key)).detach().cpu().clone()
+                    for row in col.rows for key in ("weight", "bias")})
+    return out
+
+
+def grouped_from_columns(layout, columns: list) -> dict:
+    """Stack per-column tensors into the grouped form (every column must be present)."""
+    grouped_shapes(layout)  # raises if this layout has no grouped equivalent
+    out = {}
+    for row in layout.rows:
+        for key in ("weight", "bias"):
+            k = f"{row.name}.{key}"
+            out[k] = torch.cat([columns[c][k] for c in _computing(layout, row)], 0)
+    return out
+
+
+def columns_from_grouped(layout, state: dict) -> list:
+    """The inverse: per column {"conv1.weight": chunk, ...} (views into `state`)."""
+    cols = [{} for _ in range(layout.columns)]
+    for row in layout.rows:
+        who = _computing(layout, row)
+        for key in ("weight", "bias"):
+            k = f"{row.name}.{key}"
+            for c, chunk in zip(who, torch.split(state[k], [row.widths[c] for c in who], 0)):
+                cols[c][k] = chunk
+    return cols
 
 
 def grouped_shapes(layout) -> dict:
@@ -46,13 +81,7 @@ def gather_grouped(model, tensor_of) -> dict:
     [out_c, sum in, k, k] reads all input channels already. Used for weights (grouped_state_dict) and
     for anything shaped like them (the optimiser's velocities in a checkpoint).
     """
-    grouped_shapes(model.layout)  # raises if this layout has no grouped equivalent
-    out = {}
-    for row in model.layout.rows:
-        parts = _parts(model, row)
-        for key in ("weight", "bias"):
-            out[f"{row.name}.{key}"] = torch.cat([tensor_of(getattr(m, key)).detach().cpu() for _, m in parts], 0)
-    return out
+    return grouped_from_columns(model.layout, column_tensors(model, tensor_of))
 
 
 def check_grouped(model, state: dict, what: str = "grouped state dict") -> None:
@@ -70,13 +99,14 @@ def check_grouped(model, state: dict, what: str = "grouped state dict") -> None:
 
 @torch.no_grad()
 def scatter_grouped(model, state: dict, assign) -> None:
-    """Split grouped tensors back into columns: assign(param, chunk) for every column parameter."""
-    for row in model.layout.rows:
-        parts = _parts(model, row)
-        for key in ("weight", "bias"):
-            chunks = torch.split(state[f"{row.name}.{key}"], [row.widths[c] for c, _ in parts], 0)
-            for (_, m), chunk in zip(parts, chunks):
-                assign(getattr(m, key), chunk)
+    """Split grouped tensors back into columns: assign(param, chunk) for every local column parameter."""
+    cols = columns_from_grouped(model.layout, state)
+    for c, col in enumerate(model.columns):
+        if not getattr(col, "is_local", True):
+            continue
+        for row in col.rows:
+            for key in ("weight", "bias"):
+                assign(getattr(getattr(col, row.name), key), cols[c][f"{row.name}.{key}"])
 
 
 def grouped_state_dict(model) -> dict:

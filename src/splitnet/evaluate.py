@@ -19,7 +19,7 @@ def predict_probs(model, batches, max_batches: int = 0):
     """
     was_training = model.training
     model.eval()
-    dev = model.devices[0] if hasattr(model, "devices") else next(model.parameters()).device
+    dev = model.devices[model.local[0]] if hasattr(model, "devices") else next(model.parameters()).device
     probs, labels = [], []
     try:
         for i, (x, y) in enumerate(batches):
@@ -27,13 +27,18 @@ def predict_probs(model, batches, max_batches: int = 0):
                 break
             patches = x.shape[1] if x.dim() == 5 else 1
             flat = x.flatten(0, 1) if x.dim() == 5 else x
-            p = F.softmax(model(flat.to(dev, non_blocking=True)).float(), dim=1)
+            logits = model(flat.to(dev, non_blocking=True))
+            if logits is None:  # a rank without the head column (distributed): it only takes part
+                continue
+            p = F.softmax(logits.float(), dim=1)
             p = p.view(x.shape[0], patches, -1).mean(1)  # mean of probabilities, §4.1
             probs.append(p.cpu())
             labels.append(y.cpu())
     finally:
         model.train(was_training)
     if not probs:
+        if getattr(model, "local", None) is not None and model.layout.head not in model.local:
+            return None, None
         raise ValueError("evaluation: no batches (empty validation split?)")
     return torch.cat(probs), torch.cat(labels)
 

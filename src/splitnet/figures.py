@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 
 def colour_specificity(kernels: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .data import PackedDataset, make_loader
+    from .data import PackedDataset
 
     train_ds, val_ds = PackedDataset(cache, "train"), PackedDataset(cache, "val")
     classes = train_ds.classes

@@ -14,8 +14,7 @@ from torch import nn
 from .config import ModelConfig
 from .convert import grouped_shapes
 from .layers import LocalResponseNorm, PaperDropout, activation
-from .layout import get_layout
-from .model import INPUT_MODES
+from .model import INPUT_MODES, model_layout
 
 
 class GroupedAlexNet(nn.Module):
@@ -25,7 +24,7 @@ class GroupedAlexNet(nn.Module):
         super().__init__()
         cfg = config or ModelConfig()
         self.config = cfg
-        self.layout = get_layout(layout if layout is not None else cfg.layout, cfg.num_classes)
+        self.layout = model_layout(layout if layout is not None else cfg.layout, cfg)
         shapes = grouped_shapes(self.layout)
         self.columns_of = {}  # computing columns per layer: LRN normalises within each column
         for i, row in enumerate(self.layout.rows):
@@ -57,7 +56,7 @@ class GroupedAlexNet(nn.Module):
             if row.act:
                 x = self.act(x)
             if row.lrn and self.lrn is not None:
-                g = self.columns_of[row.name]
+                g = 1 if row.lrn_cross else self.columns_of[row.name]
                 b, c, h, w = x.shape
                 # Per-column LRN: fold the groups into the batch so the window stays in its column.
                 x = self.lrn(x.reshape(b * g, c // g, h, w)).reshape(b, c, h, w)

@@ -51,12 +51,23 @@ class PaperDropout(nn.Module):
             raise ValueError(f"dropout_mode: {mode!r} is not 'paper' or 'inverted'")
         self.p, self.mode = p, mode
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stream: tuple | None = None) -> torch.Tensor:
+        """stream: None draws the mask from the global RNG; (seed, full_batch, offset) draws the mask
+        of a batch of `full_batch` rows from a generator seeded `seed` and keeps rows offset..offset+B,
+        so a data-parallel replica holding a slice of the batch gets exactly its rows of the mask that
+        one process would draw for the whole batch (placement-independent, resumable)."""
         if self.p == 0.0:
             return x
         keep = 1.0 - self.p
         if self.training:
-            mask = torch.empty_like(x).bernoulli_(keep)
+            if stream is None:
+                mask = torch.empty_like(x).bernoulli_(keep)
+            else:
+                seed, full, offset = stream
+                g = torch.Generator(device=x.device)
+                g.manual_seed(seed)
+                mask = torch.empty((full, *x.shape[1:]), device=x.device, dtype=x.dtype)
+                mask = mask.bernoulli_(keep, generator=g)[offset:offset + x.shape[0]]
             if self.mode == "inverted":
                 mask.div_(keep)
             return x * mask

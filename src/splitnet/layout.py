@@ -44,6 +44,9 @@ class LayerRow:
     cross: bool = False  # reads every column's maps (an exchange) instead of only its own
     act: bool = True  # ReLU (or tanh) after the layer; the paper has none on fc8 (§3.5)
     lrn: bool = False  # local response normalisation after the activation (§3.3)
+    # The LRN window runs over every column's maps (Caffe's single-device net), not only this
+    # column's (the original code): the maps of the other columns must be exchanged first.
+    lrn_cross: bool = False
     pool: tuple | None = None  # (window, stride) max pooling after LRN; (3, 2) overlaps (§3.4)
     dropout: bool = False  # dropout on the layer's output (§4.2)
 
@@ -130,7 +133,8 @@ class Layout:
                 " | params | MACs/image | exchange bytes/image |")
         lines = [head, "|" + "---|" * 9]
         for r, s in zip(self.rows, self._stats):
-            after = [n for n, on in (("act", r.act), ("lrn", r.lrn), ("dropout", r.dropout)) if on]
+            after = [n for n, on in (("act", r.act), ("lrn" + (" (all columns)" if r.lrn_cross else ""), r.lrn),
+                                      ("dropout", r.dropout)) if on]
             if r.pool:
                 after.insert(2 if r.lrn else 1, f"pool{r.pool[0]}/{r.pool[1]}")
             ksp = f"{r.kernel}/{r.stride}/{r.pad}" if r.kind == "conv" else "-"
@@ -245,6 +249,9 @@ def _analyse(layout: Layout) -> list:
                         f"({r.name} does not cross and column {s} has no {r.name} units)")
         params = sum(f * w + w for f, w in zip(in_feats, r.widths) if w)
         spatial = [(sh[1] * sh[2]) if sh and len(sh) == 3 else 1 for sh in out_shapes]
+        if r.lrn and r.lrn_cross:
+            cols = [c for c, w in enumerate(r.widths) if w]
+            exch += [(s_, d, 4 * r.widths[s_] * spatial[s_]) for d in cols for s_ in cols if s_ != d]
         macs = sum(f * w * sp for f, w, sp in zip(in_feats, r.widths, spatial) if w)
         neurons = sum(w * sp for w, sp in zip(r.widths, spatial) if w)
         # Pooling shrinks the maps the next layer reads.
@@ -321,6 +328,37 @@ def with_rows(layout: Layout, name: str | None = None, **changes_by_layer) -> La
     if changes_by_layer:
         raise LayoutError(f"unknown layer {next(iter(changes_by_layer))!r} in layout {layout.name!r}")
     return Layout(name=name or layout.name, rows=tuple(rows), image_side=layout.image_side)
+
+
+def apply_model_options(layout: Layout, pool=(3, 2), cross_add=(), cross_remove=(), lrn_scope="column") -> Layout:
+    """The table edits a ModelConfig asks for (the ablations): pooling window/stride, layers that
+    cross in addition or no more, LRN over every column's maps. No edit: the layout itself."""
+    pool = tuple(pool)
+    changes, tags = {}, []
+    for n in (*cross_add, *cross_remove):
+        if n not in layout.names:
+            raise LayoutError(f"unknown layer {n!r} in cross_add/cross_remove (layout {layout.name!r} has "
+                              f"{', '.join(layout.names)})")
+    for r in layout.rows:
+        ch = {}
+        if r.pool and tuple(r.pool) != pool:
+            ch["pool"] = pool
+        if r.name in cross_add and not r.cross:
+            ch["cross"] = True
+        if r.name in cross_remove and r.cross:
+            ch["cross"] = False
+        if r.lrn and lrn_scope == "all" and layout.columns > 1:
+            ch["lrn_cross"] = True
+        if ch:
+            changes[r.name] = ch
+    if not changes:
+        return layout
+    if pool != (3, 2):
+        tags.append(f"pool{pool[0]}/{pool[1]}")
+    tags += [f"+{n}" for n in cross_add] + [f"-{n}" for n in cross_remove]
+    if lrn_scope == "all":
+        tags.append("lrn-all")
+    return with_rows(layout, f"{layout.name}[{','.join(tags)}]", **changes)
 
 
 def _builtin(num_classes: int) -> dict:

@@ -22,7 +22,8 @@ from . import config as _config
 from .config import ModelConfig
 from .exchange import LocalExchange
 from .layers import LocalResponseNorm, PaperDropout, activation
-from .layout import Layout, get_layout
+from .data.rng import derive_seed
+from .layout import LAYER_NAMES, Layout, apply_model_options, get_layout
 from .placement import describe, resolve_devices
 
 # conv1 input padding per input mode, (left, right, top, bottom), and the crop side it expects.
@@ -33,6 +34,12 @@ INPUT_MODES = {
 }
 
 
+def model_layout(layout, cfg: ModelConfig) -> Layout:
+    """The layout a ModelConfig describes: a built-in name (or Layout) plus the config's table edits."""
+    return apply_model_options(get_layout(layout, cfg.num_classes), cfg.pool, cfg.cross_add, cfg.cross_remove,
+                               cfg.lrn_scope)
+
+
 class Column(nn.Module):
     """One column: the rows of the table where this column has a nonzero width.
 
@@ -41,9 +48,12 @@ class Column(nn.Module):
     as the row's flags say, in the paper's order: layer, ReLU, LRN, pool, dropout (§3.5).
     """
 
+    is_local = True
+
     def __init__(self, layout: Layout, index: int, cfg: ModelConfig):
         super().__init__()
         self.index = index
+        self.dropout_stream = None  # (seed, full batch, offset): see set_dropout_stream
         self.rows = tuple(r for r in layout.rows if r.widths[index] > 0)
         for row, st in zip(layout.rows, layout.stats()):
             w = row.widths[index]
@@ -62,18 +72,45 @@ class Column(nn.Module):
 
     def layer(self, row, x: torch.Tensor) -> torch.Tensor:
         """Run one row of the table on this column's input x."""
+        return self.post(row, self.pre(row, x))
+
+    def pre(self, row, x: torch.Tensor) -> torch.Tensor:
+        """The layer and its activation."""
         if row.kind == "fc" and x.dim() > 2:
             x = x.flatten(1)  # channel-major: c*H*W + h*W + w, as the grouped fc6 expects
         x = getattr(self, row.name)(x)
-        if row.act:
-            x = self.act(x)
+        return self.act(x) if row.act else x
+
+    def post(self, row, x: torch.Tensor, lrn_slice: tuple | None = None) -> torch.Tensor:
+        """LRN, pooling, dropout. lrn_slice=(start, width): x holds every column's maps (lrn_cross);
+        normalise across all of them, keep this column's."""
         if row.lrn and self.lrn is not None:
             x = self.lrn(x)
+            if lrn_slice is not None:
+                x = x[:, lrn_slice[0]:lrn_slice[0] + lrn_slice[1]]
+        elif lrn_slice is not None:
+            x = x[:, lrn_slice[0]:lrn_slice[0] + lrn_slice[1]]
         if row.pool:
             x = F.max_pool2d(x, row.pool[0], row.pool[1])
         if row.dropout:
-            x = self.drop(x)
+            stream = None
+            if self.dropout_stream is not None:
+                seed, full, offset = self.dropout_stream
+                stream = (derive_seed(seed, self.index, LAYER_NAMES.index(row.name)), full, offset)
+            x = self.drop(x, stream)
         return x
+
+
+class RemoteColumn(nn.Module):
+    """Stands in for a column that lives in another process (distributed.py): no parameters here."""
+
+    is_local = False
+
+    def __init__(self, layout: Layout, index: int):
+        super().__init__()
+        self.index = index
+        self.rows = tuple(r for r in layout.rows if r.widths[index] > 0)
+        self.dropout_stream = None
 
 
 class SplitAlexNet(nn.Module):
@@ -87,7 +124,7 @@ class SplitAlexNet(nn.Module):
     """
 
     def __init__(self, num_classes: int | None = None, layout=None, devices=None,
-                 config: ModelConfig | None = None, **overrides):
+                 config: ModelConfig | None = None, local_columns=None, **overrides):
         super().__init__()
         cfg = config or ModelConfig()
         num_classes = cfg.num_classes if num_classes is None else num_classes
@@ -95,13 +132,19 @@ class SplitAlexNet(nn.Module):
         name = layout.name if isinstance(layout, Layout) else layout
         cfg = _config.replace(cfg, num_classes=num_classes, layout=name, **overrides)
         self.config = cfg
-        self.layout = get_layout(layout, num_classes)
+        self.layout = model_layout(layout, cfg)
         self.devices = resolve_devices(devices, self.layout.columns)
         self.pad, self.input_side = INPUT_MODES[cfg.input_mode]
         self.columns = nn.ModuleList(Column(self.layout, c, cfg) for c in range(self.layout.columns))
-        self.reset_parameters()
-        for col, dev in zip(self.columns, self.devices):
-            col.to(dev)
+        self.reset_parameters()  # every column, so a seed gives the same network on any placement
+        # local_columns: the columns this process holds (distributed.py: one per rank); the others
+        # become parameter-free stand-ins and their maps arrive through the exchange.
+        self.local = tuple(range(self.layout.columns)) if local_columns is None else tuple(local_columns)
+        for c in range(self.layout.columns):
+            if c not in self.local:
+                self.columns[c] = RemoteColumn(self.layout, c)
+        for c in self.local:
+            self.columns[c].to(self.devices[c])
         self.exchange = LocalExchange(self.devices)
 
     # ---- init (§5) ---------------------------------------------------------------------------
@@ -115,7 +158,7 @@ class SplitAlexNet(nn.Module):
         cfg = self.config
         for row in self.layout.rows:
             for col in self.columns:
-                mod = getattr(col, row.name, None)
+                mod = getattr(col, row.name, None) if col.is_local else None
                 if mod is None:
                     continue
                 w = torch.empty(mod.weight.shape).normal_(0.0, cfg.init_std, generator=generator)
@@ -138,11 +181,22 @@ class SplitAlexNet(nn.Module):
         x = self.prepare_input(x)
         # Both columns read the whole image (§3.2): copy it once to each column's device.
         outs = [x.to(dev, non_blocking=True) for dev in self.devices]
+        outs = [t if c in self.local else None for c, t in enumerate(outs)]
         for row in self.layout.rows:
             readers = [c for c, w in enumerate(row.widths) if w > 0]
             ins = self.exchange.gather(row.name, outs, readers) if row.cross else outs
-            outs = [self.columns[c].layer(row, ins[c]) if row.widths[c] > 0 else None
-                    for c in range(len(outs))]
+            if row.lrn and row.lrn_cross and self.config.lrn:
+                # Caffe-style LRN across all columns' maps: exchange the activations, normalise the
+                # concatenation, keep this column's slice.
+                mids = [self.columns[c].pre(row, ins[c]) if c in readers and c in self.local else None
+                        for c in range(len(outs))]
+                full = self.exchange.gather(row.name, mids, readers)
+                starts = [sum(row.widths[:c]) for c in range(len(outs))]
+                outs = [self.columns[c].post(row, full[c], (starts[c], row.widths[c]))
+                        if c in readers and c in self.local else None for c in range(len(outs))]
+            else:
+                outs = [self.columns[c].layer(row, ins[c]) if row.widths[c] > 0 and c in self.local else None
+                        for c in range(len(outs))]
             if row.name == upto:
                 return outs
         if upto is not None:
@@ -150,7 +204,16 @@ class SplitAlexNet(nn.Module):
         return outs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits on the head column's device (None in a process that does not hold the head)."""
         return self.forward_columns(x)[self.layout.head]
+
+    def set_dropout_stream(self, seed: int | None, full_batch: int = 0, offset: int = 0) -> None:
+        """Draw the next forward passes' dropout masks from generators seeded by (seed, column, layer),
+        as if for a batch of `full_batch` rows of which this batch starts at row `offset`; None goes
+        back to the global RNG. Training sets a new seed every step (train.py), which makes the masks a
+        function of (run seed, step) alone: the same on every placement and after a resume."""
+        for col in self.columns:
+            col.dropout_stream = None if seed is None else (int(seed), int(full_batch), int(offset))
 
     def features(self, x: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
         """Layer `layer`'s output of all columns concatenated in column order, on the head's device

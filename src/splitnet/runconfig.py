@@ -66,6 +66,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every this many steps (0: at each epoch end only)
     log_every: int = 10  # progress lines every this many steps when output is not a terminal
     threads: int = 0  # torch intra-op threads (0: torch's default)
+    dist_timeout_s: float = 300.0  # under torchrun: a collective waiting longer (a dead or hung rank) fails
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -26,14 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .config import replace
 from .data import DataConfig, PackedDataset, ensure_cache, make_loader, make_synthetic
+from .data.rng import derive_seed
 from .evaluate import predict_probs, topk_errors
-from .model import SplitAlexNet
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
 from .runconfig import TrainConfig, dump_toml, load_config
+from .runtime import make_runtime
 
 log = logging.getLogger("splitnet")
+
+STREAM_DROPOUT = 3  # derive_seed stream for dropout masks (data/rng.py uses 1 and 2)
 
 
 class TrainingError(RuntimeError):
@@ -180,14 +182,11 @@ def _schedule(cfg: TrainConfig):
     return None
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> SplitAlexNet:
-    mcfg = replace(cfg.model, num_classes=num_classes)
-    return SplitAlexNet(config=mcfg, devices=tuple(cfg.devices) or None)
-
-
 def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(), progress: bool = True) -> dict:
     """Train `cfg` into run directory `out` (or resume the run there). Returns a summary dict:
-    {status: finished|max_steps|max_minutes|interrupted, step, epoch, run_dir, last eval ...}."""
+    {status: finished|max_steps|max_minutes|interrupted, step, epoch, run_dir, last eval ...}.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 alone writes the run directory."""
     out = Path(out)
     ck = None
     if resume:
@@ -198,17 +197,43 @@ def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(
         ck = ckpt.load(out / "checkpoint.pt") if (out / "checkpoint.pt").exists() else None
     elif cfg is None:
         raise ValueError("train: a config is needed unless resuming")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(dump_toml(cfg))
+    rt = make_runtime(cfg)
+    failed = False
+    try:
+        return _train(cfg, out, ck, resume, progress and rt.is_main, rt)
+    except RuntimeError as e:
+        failed = True
+        if rt.mesh is None or isinstance(e, TrainingError):
+            raise
+        # A collective failed: a peer died (connection closed) or hung (timeout). Say so in one line.
+        from .distributed import DistributedError
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise DistributedError(
+            f"rank {rt.rank}: a collective failed ({msg}); another rank died or hung for more than "
+            f"dist_timeout_s={cfg.dist_timeout_s:g}s. The last complete checkpoint in {out} is kept: "
+            f"resume with splitnet train --resume {out}") from None
+    finally:
+        if not failed:
+            rt.close()
+
+
+def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
+    main = rt.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(dump_toml(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-
+    if not main:
+        rt.barrier()  # rank 0 generates / prepares the data first
     cache, data_desc = resolve_data(cfg.data)
+    if main:
+        rt.barrier()
     train_ds = PackedDataset(cache, "train")
     val_ds = PackedDataset(cache, "val") if _has_split(cache, "val") else None
     classes = train_ds.classes
-    torch.manual_seed(cfg.seed)  # init and dropout masks
-    model = build_model(cfg, len(classes))
+    torch.manual_seed(cfg.seed)  # the init
+    model = rt.build_model(cfg, len(classes))
     opt = PaperSGD(param_groups(model, cfg.optim.weight_decay, cfg.optim.bias_decay),
                    lr=cfg.optim.lr, momentum=cfg.optim.momentum)
     sched = _schedule(cfg)
@@ -221,18 +246,23 @@ def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(
             sched.load_state_dict(ck["schedule"])
         step, epoch, batch = int(ck["step"]), int(ck["epoch"]), int(ck["batch"])
         ckpt.set_rng_state(ck["rng"])
-        Metrics.truncate_to(out / "metrics.jsonl", step, epoch)
-        log.info("train: resuming %s at step %d (epoch %d, batch %d)", out, step, epoch, batch)
-    elif resume:
+        if main:
+            Metrics.truncate_to(out / "metrics.jsonl", step, epoch)
+            log.info("train: resuming %s at step %d (epoch %d, batch %d)", out, step, epoch, batch)
+    elif resume and main:
         log.info("train: %s has no checkpoint yet; starting from step 0", out)
         Metrics.truncate_to(out / "metrics.jsonl", 0, 0)
-    (out / "run.json").write_text(json.dumps({
-        "commit": git_commit(), "devices": [str(d) for d in model.devices], "data": data_desc,
-        "cache": str(cache), "classes": classes, "train_images": len(train_ds),
-        "val_images": len(val_ds) if val_ds is not None else 0, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "layout": model.layout.name,
-        "exchange_bytes_per_image": model.layout.exchange_bytes_per_image(),
-        "params": model.layout.params(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    mesh = rt.mesh
+    if main:
+        (out / "run.json").write_text(json.dumps({
+            "commit": git_commit(),
+            "devices": [str(d) for d in model.devices] if mesh is None else
+            [f"{mesh.world} ranks ({mesh.replicas} replica(s) x {mesh.columns} columns), {mesh.device} each"],
+            "data": data_desc, "cache": str(cache), "classes": classes, "train_images": len(train_ds),
+            "val_images": len(val_ds) if val_ds is not None else 0, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "layout": model.layout.name,
+            "exchange_bytes_per_image": model.layout.exchange_bytes_per_image(),
+            "params": model.layout.params(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
 
     n_batches = len(train_ds) // cfg.batch_size
     if n_batches == 0:
@@ -240,19 +270,25 @@ def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(
     total = cfg.epochs * n_batches
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    metrics = Metrics(out / "metrics.jsonl")
+    metrics = Metrics(out / "metrics.jsonl") if main else None
     bar = _Progress(total, step, cfg.log_every, progress, 60 * cfg.max_minutes)
     state = dict(step=step, epoch=epoch, batch=batch)
 
     def save():
-        payload = ckpt.model_payload(model, opt)
-        payload.update(format=ckpt.FORMAT, step=state["step"], epoch=state["epoch"], batch=state["batch"],
-                       lr=opt.param_groups[0]["lr"], rng=ckpt.rng_state(),
-                       schedule=sched.state_dict() if sched is not None else {},
+        weights, velocity = rt.checkpoint_tensors(model, opt)
+        if weights is None:
+            return
+        payload = dict(model=weights, velocity=velocity, format=ckpt.FORMAT, step=state["step"],
+                       epoch=state["epoch"], batch=state["batch"], lr=opt.param_groups[0]["lr"],
+                       rng=ckpt.rng_state(), schedule=sched.state_dict() if sched is not None else {},
                        config=_plain(cfg), classes=list(classes), layout=model.layout.name)
         ckpt.atomic_save(payload, out / "checkpoint.pt")
 
-    in_dev = model.devices[0]
+    def write(**rec):
+        if metrics is not None:
+            metrics.write(**rec)
+
+    in_dev = model.devices[model.local[0]]
     head_dev = model.devices[model.layout.head]
     status, t_start = "finished", time.time()
     last_eval = {}
@@ -263,16 +299,13 @@ def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(
                 loader = make_loader(cache, "train", cfg.batch_size, cfg.seed, e, train=True,
                                      start_batch=state["batch"], cfg=cfg.data, dataset=train_ds,
                                      pin_memory=in_dev.type == "cuda")
-                # Creating the iterator draws a base seed from the global RNG; fork it so the dropout
-                # masks' RNG stream does not depend on where in an epoch a run was resumed.
+                # Creating the iterator draws a base seed from the global RNG: fork it, so nothing
+                # depends on where in an epoch a run was resumed.
                 with torch.random.fork_rng(devices=[]):
                     it = iter(loader)
                 while True:
                     if cfg.max_steps and state["step"] >= cfg.max_steps:
                         status = "max_steps"
-                        break
-                    if cfg.max_minutes and time.time() - t_start >= 60 * cfg.max_minutes:
-                        status = "max_minutes"
                         break
                     try:
                         x, y = next(it)
@@ -284,29 +317,37 @@ def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(
                             break
                         raise
                     t0 = time.time()
+                    global_batch = len(x)
+                    x, y, offset = rt.share(x, y)
                     x = x.to(in_dev, non_blocking=True)
                     y = y.to(head_dev, non_blocking=True)
+                    # Dropout masks from (seed, step): identical on every placement and after a resume.
+                    model.set_dropout_stream(derive_seed(cfg.seed, STREAM_DROPOUT, state["step"]),
+                                             global_batch, offset)
                     logits = model(x)
-                    loss = F.cross_entropy(logits, y)
+                    loss = F.cross_entropy(logits, y) if logits is not None else None
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    lv = loss.item()
+                    rt.backward(model, loss)
+                    rt.sync_grads(model)
+                    lv = loss.item() if loss is not None else None
+                    err = (logits.argmax(1) != y).float().mean().item() if logits is not None else None
+                    out_of_time = bool(cfg.max_minutes and time.time() - t_start >= 60 * cfg.max_minutes)
+                    lv, err, why = rt.agree(lv, err, stop.signal is not None, out_of_time)
                     if not math.isfinite(lv):
                         raise TrainingError(
                             f"loss is {lv} at step {state['step'] + 1} (epoch {e}); stopped. The last good "
                             f"checkpoint ({out / 'checkpoint.pt'}, step {_ck_step(out)}) is kept. "
                             f"Lower optim.lr or check the data.")
                     opt.step()
-                    err = (logits.argmax(1) != y).float().mean().item()
                     state["step"] += 1
                     state["batch"] += 1
                     dt = time.time() - t0
                     lr = opt.param_groups[0]["lr"]
-                    metrics.write(kind="train", step=state["step"], epoch=e, batch=state["batch"], loss=lv,
-                                  train_top1_err=err, lr=lr, step_s=dt, images_per_s=len(x) / dt)
-                    bar.update(state["step"], e, lv, lr, len(x) / dt)
-                    if stop.signal is not None:
-                        status = "interrupted"
+                    write(kind="train", step=state["step"], epoch=e, batch=state["batch"], loss=lv,
+                          train_top1_err=err, lr=lr, step_s=dt, images_per_s=global_batch / dt)
+                    bar.update(state["step"], e, lv, lr, global_batch / dt)
+                    if why:  # every rank agrees on why (runtime.agree)
+                        status = why
                         break
                     if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                         save()
@@ -314,28 +355,32 @@ def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(
                     break
                 # End of epoch: evaluate, maybe drop eps (§5), checkpoint at the next epoch's start.
                 if val_ds is not None and (e + 1) % cfg.eval_every == 0:
-                    last_eval = evaluate_split(model, cache, val_ds, cfg)
-                    metrics.write(kind="eval", epoch=e, step=state["step"], **last_eval)
-                    log.info("epoch %d: val top-1 err %.4f, top-5 err %.4f", e, last_eval["val_top1_err"],
-                             last_eval["val_top5_err"])
+                    last_eval = evaluate_split(model, cache, val_ds, cfg, rt)
+                    write(kind="eval", epoch=e, step=state["step"], **last_eval)
+                    if main:
+                        log.info("epoch %d: val top-1 err %.4f, top-5 err %.4f", e, last_eval["val_top1_err"],
+                                 last_eval["val_top5_err"])
                 if sched is not None and sched.step(e, last_eval.get("val_top1_err")):
                     new = drop_lr(opt, cfg.optim.factor)
-                    log.info("epoch %d: learning rate divided by %g -> %g", e, cfg.optim.factor, new)
+                    if main:
+                        log.info("epoch %d: learning rate divided by %g -> %g", e, cfg.optim.factor, new)
                 state["epoch"] += 1
                 state["batch"] = 0
                 save()
             if status in ("max_steps", "max_minutes") and cfg.eval_at_stop and val_ds is not None:
-                last_eval = evaluate_split(model, cache, val_ds, cfg)
-                metrics.write(kind="eval", epoch=state["epoch"], step=state["step"], at_stop=True, **last_eval)
-                log.info("stopped at step %d (%s): val top-1 err %.4f, top-5 err %.4f", state["step"], status,
-                         last_eval["val_top1_err"], last_eval["val_top5_err"])
+                last_eval = evaluate_split(model, cache, val_ds, cfg, rt)
+                write(kind="eval", epoch=state["epoch"], step=state["step"], at_stop=True, **last_eval)
+                if main:
+                    log.info("stopped at step %d (%s): val top-1 err %.4f, top-5 err %.4f", state["step"],
+                             status, last_eval["val_top1_err"], last_eval["val_top5_err"])
             if status != "finished":
                 save()
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     summary = dict(status=status, run_dir=str(out), **state, minutes=(time.time() - t_start) / 60, **last_eval)
-    if status == "interrupted":
+    if status == "interrupted" and main:
         log.warning("train: interrupted at step %d; resume with: splitnet train --resume %s", state["step"], out)
     return summary
 
@@ -355,16 +400,17 @@ def _has_split(cache, split: str) -> bool:
         return False
 
 
-def evaluate_split(model, cache, ds, cfg: TrainConfig, ten: bool = False) -> dict:
-    """Centre-patch (or ten-patch) top-1/top-5 error on the validation split."""
+def evaluate_split(model, cache, ds, cfg: TrainConfig, rt=None, ten: bool = False) -> dict:
+    """Centre-patch (or ten-patch) top-1/top-5 error on the validation split (every rank takes part
+    under torchrun; the head column of replica 0 reports)."""
     loader = make_loader(cache, "val", cfg.eval_batch_size, cfg.seed, 0, train=False, cfg=cfg.data,
                          dataset=ds, ten_patches=ten)
     # The DataLoader draws a base seed from the global RNG: fork it, so that evaluating (or not, at a
-    # stop) leaves the training's dropout stream exactly where it was.
+    # stop) leaves the global RNG where it was.
     with torch.random.fork_rng(devices=[]):
         probs, labels = predict_probs(model, loader, cfg.eval_max_batches)
-    errs = topk_errors(probs, labels)
-    return {f"val_{k}": v for k, v in errs.items()}
+    errs = None if probs is None else {f"val_{k}": v for k, v in topk_errors(probs, labels).items()}
+    return errs if rt is None else rt.eval_result(errs)
 
 
 def _plain(cfg) -> dict:

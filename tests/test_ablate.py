@@ -1,0 +1,107 @@
+"""The ablations: every experiment file builds its model; the runner fills its table and resumes;
+Figure 1's measurement on a tiny case."""
+import json
+import math
+
+import pytest
+import torch
+
+import splitnet
+from splitnet.ablate import experiment_names, load_experiment, run_ablations
+from splitnet.data import ensure_cache, make_synthetic
+from splitnet.fig1 import FourLayerCNN, epochs_to, figure1
+from splitnet.model import model_layout
+
+EXPECTED = {"paper", "dense", "towers", "conv5-cross", "four-columns", "one-gpu", "one-column", "no-lrn",
+            "lrn-code", "lrn-all", "pool-2x2", "tanh", "no-dropout", "inverted-dropout", "no-lighting",
+            "no-crops-flips", "caffe227"}
+
+
+def test_every_experiment_parses_and_builds():
+    names = experiment_names()
+    assert set(names) == EXPECTED and names[0] == "paper"
+    for n in names:
+        cfg, meta = load_experiment(n)
+        assert meta["group"] and cfg.name == n
+        m = splitnet.SplitAlexNet(num_classes=10, config=cfg.model, devices="cpu").eval()
+        side = cfg.data.crop_size
+        with torch.no_grad():
+            assert m(torch.zeros(1, 3, side, side)).shape == (1, 10), n
+
+
+def test_experiment_changes_are_what_they_say():
+    assert load_experiment("no-lrn")[0].model.lrn is False
+    assert load_experiment("no-lighting")[0].data.lighting is False
+    lay = model_layout(load_experiment("conv5-cross")[0].model.layout, load_experiment("conv5-cross")[0].model)
+    assert lay.row("conv5").cross and "conv5" in lay.exchange_bytes_per_image()
+    lay = model_layout("paper", load_experiment("pool-2x2")[0].model)
+    assert lay.row("conv1").pool == (2, 2) and lay.params() == 60_965_224  # 2/2 pooling also gives 6x6 pool5
+
+
+def test_lrn_across_all_columns_equals_the_single_device_lrn():
+    """lrn-all: the split model normalises across all 96 maps, as one dense LRN over the concatenation."""
+    from splitnet.grouped import GroupedAlexNet
+    torch.manual_seed(0)
+    cfg = load_experiment("lrn-all")[0].model
+    m = splitnet.SplitAlexNet(num_classes=10, config=cfg, devices=("cpu", "cpu")).eval()
+    g = GroupedAlexNet(splitnet.config.replace(cfg, num_classes=10)).eval()
+    g.load_state_dict(m.grouped_state_dict())
+    x = torch.randn(2, 3, 224, 224) * 60
+    with splitnet.record_exchanges() as log, torch.no_grad():
+        a = m(x)
+    assert torch.allclose(a, g(x), rtol=1e-4, atol=1e-5)
+    assert {e.layer for e in log} >= {"conv1", "conv2"}
+    assert sum(e.nbytes for e in log) // 2 == sum(m.layout.exchange_bytes_per_image().values())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    home = tmp_path_factory.mktemp("abl")
+    root = make_synthetic(home / "syn", seed=3, classes=10, train_per_class=6, val_per_class=2)
+    return ensure_cache(root, home)
+
+
+def test_runner_fills_every_column_and_resumes(tiny, tmp_path, monkeypatch):
+    sets = [f'data.root="{tiny}"', "batch_size=4", "max_steps=1", "data.workers=0", "eval_batch_size=20",
+            "max_minutes=0"]
+    rows = run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets, time_reps=1)
+    data = json.loads((tmp_path / "ablations.json").read_text())
+    assert [r["name"] for r in data] == ["paper", "no-lrn"]
+    for r in data:
+        for key in ("name", "params", "macs_per_image", "exchange_bytes_per_image", "top1_err", "top5_err",
+                    "ten_top1_err", "ten_top5_err", "step_time_rel_paper"):
+            assert r[key] is not None, (r["name"], key)
+    assert rows[0]["step_time_rel_paper"] == 1.0 and rows[1]["step_time_rel_paper"] > 0
+    assert rows[1]["paper_delta_top1"] == 1.4
+    md = (tmp_path / "ablations.md").read_text()
+    assert "no-lrn" in md and "+1.4 / +1.2" in md
+    assert (tmp_path / "curves_layer_splits.png").exists() and (tmp_path / "curves_components.png").exists()
+    # Resume: finished experiments are kept, not retrained.
+    mtime = (tmp_path / "runs" / "paper-seed0" / "checkpoint.pt").stat().st_mtime
+
+    def boom(*a, **k):
+        raise AssertionError("retrained a finished experiment")
+    monkeypatch.setattr("splitnet.ablate.train", boom)
+    run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets, time_reps=1)
+    assert (tmp_path / "runs" / "paper-seed0" / "checkpoint.pt").stat().st_mtime == mtime
+
+
+def test_figure1_tiny(tiny, tmp_path):
+    res = figure1(tiny, tmp_path, lrs=(0.01, 0.05), target=0.9, max_epochs=3, side=16)
+    assert set(res["acts"]) == {"relu", "tanh"}
+    for a in res["acts"].values():
+        assert a["lr"] in (0.01, 0.05) and len(a["curve"]) >= 1
+    assert (tmp_path / "figure1.png").stat().st_size > 1000
+    r, t = res["acts"]["relu"]["epochs"], res["acts"]["tanh"]["epochs"]
+    if math.isfinite(r) and math.isfinite(t):
+        assert res["ratio_tanh_over_relu"] == t / r
+
+
+def test_epochs_to_counts_epochs_until_the_target():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 16, 16)
+    y = (x[:, 0].mean((1, 2)) > 0).long()  # learnable from the red channel's mean
+    res = epochs_to(x, y, 2, "relu", 0.05, target=0.2, max_epochs=30, batch=16)
+    assert res["epochs"] == len(res["curve"]) and res["curve"][-1] <= 0.2
+    assert all(c > 0.2 for c in res["curve"][:-1])
+    assert FourLayerCNN("tanh", 2, 16)(x[:2]).shape == (2, 2)
