@@ -216,7 +216,7 @@ def _write(out: Path, done: dict, data) -> None:
     lines = [
         "# Ablations",
         "",
-        f"Data: {'`' + str(data) + '` (full paper schedule)' if data else 'the built-in synthetic set (10 classes; chance 90% top-1), experiments/ablations/_base.toml: batch 32, 2.5 minutes of training each'}. "
+        f"Data: {'`' + str(data) + '` (full paper schedule)' if data else 'the built-in synthetic set (10 classes; chance 90% top-1), experiments/ablations/_base.toml: batch 32, 2 minutes of training each'}. "
         "Errors on the validation set; +/- is the spread over seeds. Step time: one training step of the "
         "experiment's model relative to `paper`, same input, measured in one process. Delta: the "
         "experiment's top-1/top-5 error minus `paper`'s, in % points (+ = worse), beside the paper's.",
