@@ -45,6 +45,8 @@ def register(sub) -> None:
     p.add_argument("--placements", nargs="*", default=None,
                    help="cpu and/or cuda (default: cpu, plus cuda when a GPU exists)")
     p.add_argument("--no-data", action="store_true", help="skip the data path measurement")
+    p.add_argument("--distributed", action="store_true",
+                   help="also: 2 gloo ranks under torchrun vs one process (bench_dist.py)")
     p.set_defaults(func=_main)
 
 
@@ -172,6 +174,33 @@ def data_path(batch: int = 128, train_images_per_s: float | None = None) -> dict
     return out
 
 
+def distributed_vs_single(batch: int = 32, steps: int = 4) -> dict:
+    """Run bench_dist.py in one process and under torchrun with 2 ranks (gloo on the CPU)."""
+    import socket
+    import subprocess
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="splitnet-bdist-"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep +
+               os.environ.get("PYTHONPATH", ""))
+    common = ["--batch", str(batch), "--steps", str(steps)]
+    subprocess.run([sys.executable, "-m", "splitnet.bench_dist", "--out", str(tmp / "one.json"), *common],
+                   env=env, check=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                    f"--master-port={port}", "-m", "splitnet.bench_dist", "--out", str(tmp / "two.json"), *common],
+                   env=env, check=True)
+    one = json.loads((tmp / "one.json").read_text())
+    two = json.loads((tmp / "two.json").read_text())
+    return {"batch": batch, "single_step_s": one["step_s"], "single_threads": one["threads"],
+            "ranks2_step_s": two["step_s"], "ranks2_threads_per_rank": two["threads"],
+            "ratio_ranks2_over_single": two["step_s"] / one["step_s"],
+            "exchange_s_per_step": two.get("exchange_s_per_step", {}),
+            "exchange_share": two.get("exchange_share", {})}
+
+
 def _print(res: dict) -> None:
     for place, r in res.items():
         if not isinstance(r, dict) or "train_ratio_split_over_grouped" not in r:
@@ -210,6 +239,12 @@ def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True) -
 
 def _main(args) -> int:
     res = run(args.placements, args.layout, args.batch, args.reps, not args.no_data)
+    if args.distributed:
+        res["distributed"] = distributed_vs_single(batch=min(args.batch, 32))
+        d = res["distributed"]
+        print(f"\n[distributed] batch {d['batch']}: 2 gloo ranks {d['ranks2_step_s']:.3f} s/step vs one process "
+              f"{d['single_step_s']:.3f} s/step (ratio {d['ratio_ranks2_over_single']:.2f}); exchange time share: "
+              + ", ".join(f"{k} {100 * v:.1f}%" for k, v in d["exchange_share"].items()))
     _print(res)
     if args.out:
         out = Path(args.out)

@@ -29,6 +29,8 @@ from .exchange import ExchangeEvent, _record
 
 log = logging.getLogger("splitnet")
 
+_current_layer = [None]  # the crossing layer being exchanged (bench_dist.py times collectives per layer)
+
 
 class DistributedError(RuntimeError):
     """A placement that cannot work, or a collective that failed (a rank died or hung)."""
@@ -130,6 +132,7 @@ class DistExchange:
         for d in readers:
             if d != c:
                 _record(ExchangeEvent(layer, c, d, mine.numel() * mine.element_size(), tuple(mine.shape)))
+        _current_layer[0] = layer
         full = _GatherColumns.apply(mine, self.mesh.column_group, self.mesh.columns, c)
         res = [None] * len(outs)
         if c in readers:
