@@ -124,24 +124,44 @@ def test_single_process_checkpoint_resumes_under_torchrun(dcache, single_run, tm
     assert len(losses) == 4 and losses[:3] == _losses(single_run)
 
 
-def test_a_killed_rank_ends_the_run_with_an_error(dcache, tmp_path):
+def _two_ranks(dcache, out, timeout_s):
     port = _port()
-    out = tmp_path / "run"
     procs = []
     for rank in range(2):
         env = dict(ENV, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
         cmd = [sys.executable, "-m", "splitnet", "train", "--config", str(SMOKE), "--out", str(out)]
-        for s in _sets(dcache, "max_steps=50", "dist_timeout_s=20"):
+        for s in _sets(dcache, "max_steps=50", f"dist_timeout_s={timeout_s}"):
             cmd += ["--set", s]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and _losses(out)):
         time.sleep(0.2)
     assert _losses(out), "the run never started"
+    return procs
+
+
+def test_a_hung_rank_ends_the_run_within_the_timeout(dcache, tmp_path):
+    procs = _two_ranks(dcache, tmp_path / "run", timeout_s=8)
+    procs[1].send_signal(signal.SIGSTOP)  # hangs: alive, connected, silent
+    try:
+        t0 = time.time()
+        _, err = procs[0].communicate(timeout=90)
+        assert procs[0].returncode not in (0, None)
+        assert time.time() - t0 < 60
+        assert "rank 0" in err and "dist_timeout_s=8" in err and "Traceback" not in err, err[-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_a_killed_rank_ends_the_run_with_an_error(dcache, tmp_path):
+    procs = _two_ranks(dcache, tmp_path / "run", timeout_s=20)
     procs[1].send_signal(signal.SIGKILL)
     t0 = time.time()
     _, err = procs[0].communicate(timeout=120)
     assert procs[0].returncode not in (0, None)
     assert time.time() - t0 < 60
-    assert "rank" in err and "Traceback" not in err, err[-2000:]
+    assert "rank 0" in err and "Traceback" not in err, err[-2000:]

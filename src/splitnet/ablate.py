@@ -141,12 +141,9 @@ def run_ablations(out, names=None, data=None, seeds: int = 1, sets=(), time_reps
         for run in runs:
             r = evaluate_checkpoints([run], split="val", ten=True, batch_size=cfg.eval_batch_size)
             rows.append({p["patches"]: p for p in r})
-        from .model import model_layout
-        lay = model_layout(cfg.model.layout, cfg.model)
-        res = {
-            "name": n, "group": metas[n].get("group", ""), "layout": lay.name, "columns": lay.columns,
-            "params": lay.params(), "macs_per_image": lay.macs_per_image(),
-            "exchange_bytes_per_image": sum(lay.exchange_bytes_per_image().values()),
+        res = {"name": n, **_static(cfg, runs[0])}
+        res.update({
+            "group": metas[n].get("group", ""),
             "step_time_rel_paper": timed.get(n),
             "seeds_done": len(runs),
             "top1_err": _mean([r[1]["top1_err"] for r in rows]), "top5_err": _mean([r[1]["top5_err"] for r in rows]),
@@ -158,7 +155,7 @@ def run_ablations(out, names=None, data=None, seeds: int = 1, sets=(), time_reps
             "steps": [read_metrics(run)[-1].get("step") for run in runs],
             "paper_delta_top1": metas[n].get("paper_delta_top1"), "paper_delta_top5": metas[n].get("paper_delta_top5"),
             "runs": [str(r) for r in runs],
-        }
+        })
         done[n] = res
         _write(out, done, data)
     _write(out, done, data)
@@ -191,6 +188,18 @@ def _append_figure1(out: Path, res: dict) -> None:
             f". The paper: six times faster with ReLUs on CIFAR-10.\n\n![Figure 1](figure1.png)\n")
     md = out / "ablations.md"
     md.write_text((md.read_text() if md.exists() else "") + text)
+
+
+def _static(cfg, run) -> dict:
+    """Costs from the layout table, for the number of classes the run was trained on."""
+    from .config import replace
+    from .model import model_layout
+    classes = json.loads((Path(run) / "run.json").read_text())["classes"]
+    mcfg = replace(cfg.model, num_classes=len(classes))
+    lay = model_layout(mcfg.layout, mcfg)
+    return {"layout": lay.name, "columns": lay.columns, "classes": len(classes), "params": lay.params(),
+            "macs_per_image": lay.macs_per_image(),
+            "exchange_bytes_per_image": sum(lay.exchange_bytes_per_image().values())}
 
 
 def _as_dict(cfg) -> dict:
@@ -241,6 +250,14 @@ def _write(out: Path, done: dict, data) -> None:
             f"{r['exchange_bytes_per_image']:,} | {st} | {pm(r['top1_err'], r['top1_err_std'])} | "
             f"{pm(r['top5_err'], r['top5_err_std'])} | {100 * r['ten_top1_err']:.1f} | {100 * r['ten_top5_err']:.1f} | "
             f"{d} | {pd} |")
+    chance = [r["name"] for r in rows if r["top1_err"] >= 1 - 1 / r.get("classes", 10) - 0.05]
+    if chance:
+        lines += ["", f"Near chance (centre top-1 error within 5 points of 1 - 1/classes): {', '.join(chance)}. "
+                  "These runs had not left the initial plateau of the paper's init (N(0, 0.01^2), biases 1) "
+                  "within the budget, so their errors say nothing about the ablated component; the cost "
+                  "columns (parameters, MACs, exchange bytes, step time) hold regardless. A longer budget "
+                  "(--set max_minutes=...) or real data with the full schedule (--data) is needed for "
+                  "the accuracy columns."]
     lines += ["", f"Seeds per experiment: {', '.join(str(r['seeds_done']) for r in rows)}; "
               f"training steps: {', '.join(str(r['steps']) for r in rows)}."]
     if (out / "curves_layer_splits.png").exists() or rows:

@@ -78,17 +78,19 @@ def init_mesh(columns: int, timeout_s: float = 300.0, backend: str | None = None
     else:
         device = torch.device("cpu")
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, timeout=timeout)
     replicas = world // columns
     mesh = Mesh(rank, world, columns, replicas, rank % columns, rank // columns, device)
     # Every rank must create every group, in the same order.
     for r in range(replicas):
-        g = dist.new_group([r * columns + c for c in range(columns)])
+        # Subgroups do not inherit the world's timeout (their default is 30 minutes): pass it on.
+        g = dist.new_group([r * columns + c for c in range(columns)], timeout=timeout)
         if r == mesh.replica:
             mesh.column_group = g
     for c in range(columns):
-        g = dist.new_group([r * columns + c for r in range(replicas)])
+        g = dist.new_group([r * columns + c for r in range(replicas)], timeout=timeout)
         if c == mesh.column:
             mesh.data_group = g
     if mesh.is_main:
