@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import checkpoint as ckpt
-from .convert import gather_grouped, grouped_from_columns
+from .convert import grouped_from_columns
 
 
 class LocalRuntime:
@@ -120,4 +120,4 @@ def make_runtime(cfg):
     return LocalRuntime()
 
 
-__all__ = ["LocalRuntime", "DistRuntime", "make_runtime", "gather_grouped"]
+__all__ = ["LocalRuntime", "DistRuntime", "make_runtime"]
