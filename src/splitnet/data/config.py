@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..config import ConfigError, _choice
 
 # Pillow's own default decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, 1024*1024*1024 // 4 // 3).
 PIL_MAX_IMAGE_PIXELS = 89_478_485
@@ -89,8 +89,3 @@ class DataConfig:
         """Largest crop offset on each axis (§4.1: 256 - 224 = 32; offsets 0..32 inclusive, as CC2)."""
         return self.image_size - self.crop_size
 
-
-def _choice(cfg, key, options):
-    value = getattr(cfg, key)
-    if value not in options:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, options))}")
