@@ -13,7 +13,37 @@ def test_bench_tiny(tmp_path, capsys):
                 "matmul_peak_gflops", "train_images_per_s_split"):
         assert cpu[key] > 0, key
     assert cpu["train_ratio_split_over_grouped"] == cpu["train_step_s_split"] / cpu["train_step_s_grouped"]
-    assert "ratio" in capsys.readouterr().out
+    assert cpu["strategies"] == ["threads", "sequential"]
+    for st in cpu["strategies"]:
+        assert cpu[f"train_ratio_split_{st}_over_grouped"] > 0, st
+    # the default ("auto") is what a model built without asking gets, and its numbers are the headline
+    assert cpu["train_step_s_split"] == cpu[f"train_step_s_split_{cpu['default_strategy']}"]
+    assert cpu["best_strategy"] in cpu["strategies"]
+    o = res["overlap"]["cpu_threads"]
+    assert o["lanes"] == 2 and 0 < o["both_s"] <= o["busy_s"]
+    assert "/grouped" in capsys.readouterr().out
+
+
+def test_busy_overlap_against_hand_computed_intervals():
+    from splitnet.bench import busy_overlap
+    r = busy_overlap({0: [(0, 4), (3, 6)], 1: [(5, 8)], 2: [(20, 21)]})
+    assert (r["busy"], r["both"]) == (9, 1)  # busy 0..8 and 20..21; two lanes at once in 5..6
+    assert busy_overlap({0: [(0, 1)], 1: [(1, 2)]})["overlap"] == 0  # back to back: no overlap
+    assert busy_overlap({0: [(0, 2)], 1: [(0, 2)]})["overlap"] == 1
+
+
+def test_precision_modes_restore_flags_and_autocast():
+    import pytest
+    import torch
+    from splitnet.bench import precision
+    before = torch.backends.cuda.matmul.allow_tf32
+    with precision("bf16", "cpu"):
+        assert torch.is_autocast_enabled("cpu") and torch.backends.cuda.matmul.allow_tf32
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu") and torch.backends.cuda.matmul.allow_tf32 == before
+    with pytest.raises(ValueError, match="precision: 'fp8'"):
+        with precision("fp8", "cpu"):
+            pass
 
 
 def test_distributed_bench_tiny():

@@ -24,10 +24,13 @@ def _grouped_grads(model):
     return out
 
 
+@pytest.mark.parametrize("concurrency", ["sequential", "threads"])
 @pytest.mark.parametrize("layout", ["paper", "towers", "dense", "four-columns"])
-def test_equals_independent_grouped_network(layout):
+def test_equals_independent_grouped_network(layout, concurrency):
     torch.manual_seed(1)
-    m = splitnet.SplitAlexNet(num_classes=1000, layout=layout, devices=("cpu",) * COLUMNS[layout]).eval()
+    m = splitnet.SplitAlexNet(num_classes=1000, layout=layout, devices=("cpu",) * COLUMNS[layout],
+                              concurrency=concurrency).eval()
+    assert m.strategy == concurrency
     sd = {k: v.clone().requires_grad_(True) for k, v in m.grouped_state_dict().items()}
     target = torch.randint(0, 1000, (B,), generator=torch.Generator().manual_seed(2))
 

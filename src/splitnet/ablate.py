@@ -67,7 +67,8 @@ def load_experiment(name: str, data=None, sets=()) -> tuple:
 def _timing_model(cfg):
     from .model import SplitAlexNet
     torch.manual_seed(0)
-    m = SplitAlexNet(num_classes=10, config=cfg.model, devices=tuple(cfg.devices) or None).train()
+    m = SplitAlexNet(num_classes=10, config=cfg.model, devices=tuple(cfg.devices) or None,
+                     concurrency=cfg.concurrency).train()
     b = cfg.batch_size
     x, y = torch.randn(b, 3, m.input_side, m.input_side) * 60, torch.randint(0, 10, (b,))
     return m, x.to(m.devices[0]), y.to(m.devices[m.layout.head])

@@ -1,18 +1,31 @@
 """`splitnet bench`: the split model against its single-device grouped equivalent, side by side.
 
 Everything is measured in one process, in one run, interleaved (split, grouped, split, grouped, ...),
-and reported as ratios, because absolute timings on shared machines are noise. JSON keys
-(documented in the README's performance section):
+and reported as ratios, because absolute timings on shared machines are noise. JSON sections:
 
-  <placement>.train_step_s_split / _grouped   median seconds of one training step (forward, cross
-                                             entropy, backward, SGD update) at --batch
-  <placement>.train_ratio_split_over_grouped  the split's cost over the grouped network's (goal <= 1.05)
-  <placement>.infer_ratio_split_over_grouped  the same for an eval-mode forward pass without grad
-  <placement>.train_images_per_s_split, .infer_images_per_s_split
-  <placement>.matmul_peak_gflops             fp32 matmul throughput measured there and then
-  <placement>.train_mfu                       model FLOPs (6 x MACs per image: forward + backward)
-                                             per second of the split model, over that peak
-placement: "cpu" (the CPU emulation), "cuda" (both columns on cuda:0) when a GPU exists.
+  cpu            the CPU emulation (both columns on the CPU), fp32
+  cuda           both columns on cuda:0, fp32 (TF32 off); cuda_tf32, cuda_bf16 (autocast),
+                 cuda_bf16_cl (bf16 + channels_last): the same for each numeric mode
+  cuda2          columns on cuda:0 and cuda:1 (bf16) vs the grouped network on cuda:0;
+                 cuda2_one_gpu: both columns on cuda:0 in the same run
+Keys of each section:
+  train_step_s_split / _grouped   median seconds of one training step (forward, cross entropy,
+                                  backward, SGD update) at --batch; "split" is the default strategy
+  train_step_s_split_<strategy>   the same per concurrency strategy timed (concurrent.py): threads and
+                                  sequential on the CPU, sequential and streams on one GPU
+  default_strategy, best_strategy what "auto" picks there, and what was fastest in this run
+  train_ratio_split_over_grouped  the default's cost over the grouped network's (goal <= 1.05 on the
+                                  CPU, <= 1.10 on one GPU); train_ratio_split_<strategy>_over_grouped
+  infer_ratio_split_over_grouped  the same for an eval-mode forward pass without grad
+  train_images_per_s_split, train_images_per_s_grouped, infer_images_per_s_split
+  matmul_peak_gflops, matmul_peak_dtype   matmul throughput measured there and then (fp32 on the CPU;
+                                  the mode's dtype on a GPU: fp32, fp32+tf32, bfloat16)
+  train_mfu                       model FLOPs (6 x MACs per image: forward + backward) per second of the
+                                  split model, over that peak (goal >= 0.45 on the CPU)
+  cuda2.train_ratio_two_gpus_over_one   split across two GPUs over both columns on one
+  overlap.<case>                  profiler-measured concurrency of the columns: busy_s (time any
+                                  column works), both_s (time two or more do), overlap = both / busy;
+                                  cases cpu_threads, cuda_streams, cuda_sequential, cuda2
 
   data.decode_images_per_s_per_core     preparation: JPEG decode + rescale + centre crop, one process
   data.cached_images_per_s_per_core     training input from the cache (crop, flip, lighting, mean),
@@ -24,6 +37,7 @@ placement: "cpu" (the CPU emulation), "cuda" (both columns on cuda:0) when a GPU
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -43,8 +57,12 @@ def register(sub) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed steps per model (after one warm-up)")
     p.add_argument("--layout", default="paper")
     p.add_argument("--placements", nargs="*", default=None,
-                   help="cpu and/or cuda (default: cpu, plus cuda when a GPU exists)")
+                   help="cpu, cuda (both columns on cuda:0), cuda2 (cuda:0 + cuda:1); default: what exists")
     p.add_argument("--no-data", action="store_true", help="skip the data path measurement")
+    p.add_argument("--precisions", nargs="*", default=None, choices=list(PRECISIONS),
+                   help="GPU numeric modes to time (default: all)")
+    p.add_argument("--no-overlap", action="store_true", help="skip the profiler's overlap measurement")
+    p.add_argument("--traces", default=None, help="keep the profiler's Chrome traces in this folder")
     p.add_argument("--distributed", action="store_true",
                    help="also: 2 gloo ranks under torchrun vs one process (bench_dist.py)")
     p.set_defaults(func=_main)
@@ -78,61 +96,222 @@ def _train_step(net, opt, x, y):
     opt.step()
 
 
-def _timed(fn, device) -> float:
-    _sync(device)
+def _timed(fn, devices) -> float:
+    for d in devices:
+        _sync(d)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    for d in devices:
+        _sync(d)
     return time.perf_counter() - t0
 
 
-def compare(layout: str = "paper", device: str = "cpu", batch: int = 128, reps: int = 3,
-            num_classes: int = 1000) -> dict:
-    """Split vs grouped training step and inference on `device` (both columns there)."""
+# Numeric modes: (TF32 allowed, autocast dtype or None, channels_last)
+PRECISIONS = {
+    "fp32": (False, None, False),
+    "tf32": (True, None, False),
+    "bf16": (True, torch.bfloat16, False),
+    "bf16_cl": (True, torch.bfloat16, True),
+}
+
+
+@contextlib.contextmanager
+def precision(mode: str, device_type: str):
+    """TF32 switches (process-wide torch flags, restored after) and bf16 autocast for one mode."""
+    if mode not in PRECISIONS:
+        raise ValueError(f"precision: {mode!r} is not one of {', '.join(PRECISIONS)}")
+    tf32, dtype, _ = PRECISIONS[mode]
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def strategies_for(devices) -> list:
+    """The concurrency strategies worth timing for a placement (concurrent.py)."""
+    devs = [torch.device(d) for d in devices]
+    if all(d.type == "cpu" for d in devs):
+        return ["threads", "sequential"]
+    if len(set(devs)) == 1:
+        return ["sequential", "streams"]
+    return ["sequential"]
+
+
+def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3,
+            num_classes: int = 1000, mode: str = "fp32", strategies=None, baseline_device=None) -> dict:
+    """Training step and inference of the split model (each concurrency strategy) against the
+    single-device grouped network, interleaved, in one process.
+
+    device: one device for every column, or one per column (two GPUs). The grouped network runs on
+    `baseline_device` (default: the first column's device). mode: a key of PRECISIONS."""
+    from .concurrent import choose
     from .grouped import GroupedAlexNet
     from .layout import get_layout
     from .model import SplitAlexNet
 
-    dev = torch.device(device)
+    ncol = get_layout(layout).columns
+    devices = tuple(torch.device(d) for d in (device if isinstance(device, (tuple, list)) else (device,) * ncol))
+    base = torch.device(baseline_device) if baseline_device else devices[0]
+    dtype_t = devices[0].type
+    strategies = strategies or strategies_for(devices)
     torch.manual_seed(0)
-    split = SplitAlexNet(num_classes, layout, devices=(dev,) * get_layout(layout).columns)
-    grouped = GroupedAlexNet(split.config).to(dev)
-    grouped.load_state_dict(split.grouped_state_dict())
-    x = torch.randn(batch, 3, split.input_side, split.input_side, device=dev) * 60
-    y = torch.randint(0, num_classes, (batch,), device=dev)
-    nets = {"split": split, "grouped": grouped}
+    nets = {}
+    for st in strategies:
+        nets[f"split_{st}"] = SplitAlexNet(num_classes, layout, devices=devices, concurrency=st)
+        if st != strategies[0]:
+            nets[f"split_{st}"].load_state_dict(nets[f"split_{strategies[0]}"].state_dict())
+    first = nets[f"split_{strategies[0]}"]
+    default = choose(SplitAlexNet(num_classes, layout, devices=devices), "auto")
+    grouped = GroupedAlexNet(first.config).to(base)
+    grouped.load_state_dict(first.grouped_state_dict())
+    nets["grouped"] = grouped
+    channels_last = PRECISIONS[mode][2]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xs = {}
+    for name, net in nets.items():
+        net.to(memory_format=fmt)
+        dev = base if name == "grouped" else devices[0]
+        xs[name] = ((torch.randn(batch, 3, first.input_side, first.input_side, generator=torch.Generator().manual_seed(1))
+                     * 60).to(dev).contiguous(memory_format=fmt),
+                    torch.randint(0, num_classes, (batch,), generator=torch.Generator().manual_seed(2)).to(
+                        base if name == "grouped" else devices[first.layout.head]))
     opts = {k: torch.optim.SGD(n.parameters(), lr=1e-5, momentum=0.9) for k, n in nets.items()}
-    times = {f"{mode}_{k}": [] for mode in ("train", "infer") for k in nets}
-    for name, net in nets.items():  # warm-up: allocator, oneDNN/cuDNN algorithm choice
-        net.train()
-        _train_step(net, opts[name], x, y)
-    for _ in range(reps):
-        for name, net in nets.items():
+    sync = sorted(set(devices) | {base}, key=str)
+    times = {f"{m}_{k}": [] for m in ("train", "infer") for k in nets}
+    with precision(mode, dtype_t):
+        for name, net in nets.items():  # warm-up: allocator, oneDNN/cuDNN algorithm choice
             net.train()
-            times[f"train_{name}"].append(_timed(lambda: _train_step(net, opts[name], x, y), dev))
-    with torch.no_grad():
-        for net in nets.values():
-            net.eval()
-            net(x)
+            _train_step(net, opts[name], *xs[name])
         for _ in range(reps):
             for name, net in nets.items():
-                times[f"infer_{name}"].append(_timed(lambda: net(x), dev))
+                times[f"train_{name}"].append(_timed(lambda: _train_step(net, opts[name], *xs[name]), sync))
+        with torch.no_grad():
+            for name, net in nets.items():
+                net.eval()
+                net(xs[name][0])
+            for _ in range(reps):
+                for name, net in nets.items():
+                    times[f"infer_{name}"].append(_timed(lambda: net(xs[name][0]), sync))
     med = {k: statistics.median(v) for k, v in times.items()}
     macs = get_layout(layout, num_classes).macs_per_image()
-    peak = matmul_peak_gflops(dev)
+    peak_dtype = torch.bfloat16 if PRECISIONS[mode][1] is not None else torch.float32
+    with precision(mode, dtype_t):
+        peak = matmul_peak_gflops(devices[0], n=8192 if dtype_t == "cuda" else 2048, dtype=peak_dtype)
+    ran = [st for st in strategies]
+    split = f"split_{default}" if default in ran else f"split_{ran[0]}"
+    best = min(ran, key=lambda st: med[f"train_split_{st}"])
     res = {
-        "device": str(dev), "layout": layout, "batch": batch, "reps": reps,
-        "train_step_s_split": med["train_split"], "train_step_s_grouped": med["train_grouped"],
-        "train_ratio_split_over_grouped": med["train_split"] / med["train_grouped"],
-        "infer_s_split": med["infer_split"], "infer_s_grouped": med["infer_grouped"],
-        "infer_ratio_split_over_grouped": med["infer_split"] / med["infer_grouped"],
-        "train_images_per_s_split": batch / med["train_split"],
+        "device": ", ".join(str(d) for d in devices), "grouped_device": str(base), "layout": layout,
+        "batch": batch, "reps": reps, "precision": mode,
+        "default_strategy": split[len("split_"):], "best_strategy": best, "strategies": ran,
+        "train_step_s_split": med[f"train_{split}"], "train_step_s_grouped": med["train_grouped"],
+        "train_ratio_split_over_grouped": med[f"train_{split}"] / med["train_grouped"],
+        "infer_s_split": med[f"infer_{split}"], "infer_s_grouped": med["infer_grouped"],
+        "infer_ratio_split_over_grouped": med[f"infer_{split}"] / med["infer_grouped"],
+        "train_images_per_s_split": batch / med[f"train_{split}"],
         "train_images_per_s_grouped": batch / med["train_grouped"],
-        "infer_images_per_s_split": batch / med["infer_split"],
-        "matmul_peak_gflops": peak,
-        "train_mfu": 6 * macs * batch / med["train_split"] / 1e9 / peak,
+        "infer_images_per_s_split": batch / med[f"infer_{split}"],
+        "matmul_peak_gflops": peak, "matmul_peak_dtype": str(peak_dtype).replace("torch.", "")
+        + ("+tf32" if PRECISIONS[mode][0] and peak_dtype == torch.float32 and dtype_t == "cuda" else ""),
+        "train_mfu": 6 * macs * batch / med[f"train_{split}"] / 1e9 / peak,
         "all_times_s": times,
     }
+    for st in ran:
+        res[f"train_step_s_split_{st}"] = med[f"train_split_{st}"]
+        res[f"infer_s_split_{st}"] = med[f"infer_split_{st}"]
+        res[f"train_ratio_split_{st}_over_grouped"] = med[f"train_split_{st}"] / med["train_grouped"]
+    return res
+
+
+def busy_overlap(lanes: dict) -> dict:
+    """lanes: {lane: [(start, end), ...]} busy intervals (any unit). Returns the time at least one lane
+    is busy, the time two or more are, and their ratio ("overlap": 0 = strictly one after the other,
+    1 = always together)."""
+    edges = []
+    for ivs in lanes.values():
+        for a, b in _union(ivs):
+            edges += [(a, 1), (b, -1)]
+    edges.sort()
+    busy = both = 0.0
+    depth, last = 0, None
+    for t, d in edges:
+        if last is not None:
+            busy += (t - last) if depth >= 1 else 0.0
+            both += (t - last) if depth >= 2 else 0.0
+        depth += d
+        last = t
+    return {"lanes": len(lanes), "busy": busy, "both": both, "overlap": both / busy if busy else 0.0}
+
+
+def _union(ivs):
+    out = []
+    for a, b in sorted(ivs):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def column_overlap(model, x: torch.Tensor, steps: int = 3, trace: str | None = None) -> dict:
+    """Profile `steps` forward + backward passes and measure how much the columns overlap in time.
+
+    GPU: lanes are the (device, stream) pairs the kernels ran on; CPU emulation: lanes are the columns'
+    profiler ranges (`splitnet.column<c>` forward, `.backward` backward, recorded by concurrent.py).
+    With `trace`, the Chrome trace is kept there (open it in chrome://tracing or Perfetto)."""
+    import re
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = any(d.type == "cuda" for d in model.devices)
+    y = torch.zeros(x.shape[0], dtype=torch.int64, device=model.devices[model.layout.head])
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        for d in set(model.devices):
+            _sync(d)
+
+    step()  # warm-up outside the trace
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:  # the profiler records the calling thread only, unless told otherwise (torch >= 2.6)
+        from torch._C._profiler import _ExperimentalConfig
+        extra = {"experimental_config": _ExperimentalConfig(profile_all_threads=True)}
+    except (ImportError, TypeError):
+        extra = {}
+    with profile(activities=acts, **extra) as prof:
+        for _ in range(steps):
+            step()
+    path = Path(trace) if trace else Path(tempfile.mkdtemp(prefix="splitnet-trace-")) / "trace.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    lanes: dict = {}
+    for ev in events:
+        if ev.get("ph") != "X":
+            continue
+        if cuda:
+            if ev.get("cat") != "kernel":
+                continue
+            key = (ev.get("args", {}).get("device"), ev.get("args", {}).get("stream"))
+        else:
+            m = re.fullmatch(r"splitnet\.column(\d+)(\.backward)?", ev.get("name", ""))
+            if not m:
+                continue
+            key = int(m.group(1))
+        lanes.setdefault(key, []).append((float(ev["ts"]), float(ev["ts"]) + float(ev["dur"])))
+    res = busy_overlap(lanes)
+    res.update(strategy=model.strategy, steps=steps, kind="kernels per (device, stream)" if cuda else
+               "column ranges per thread", busy_s=res.pop("busy") / 1e6, both_s=res.pop("both") / 1e6)
+    if trace:
+        res["trace"] = str(path)
+    else:
+        import shutil
+        shutil.rmtree(path.parent, ignore_errors=True)
     return res
 
 
@@ -205,13 +384,21 @@ def _print(res: dict) -> None:
     for place, r in res.items():
         if not isinstance(r, dict) or "train_ratio_split_over_grouped" not in r:
             continue
-        print(f"\n[{place}] layout={r['layout']} batch={r['batch']} reps={r['reps']} device={r['device']}")
-        print(f"  {'':<10}{'split s':>10}{'grouped s':>11}{'ratio':>8}{'split img/s':>13}")
+        print(f"\n[{place}] layout={r['layout']} batch={r['batch']} reps={r['reps']} precision={r['precision']} "
+              f"devices={r['device']} (grouped on {r['grouped_device']})")
+        print(f"  {'':<10}{'net':<28}{'step s':>9}{'/grouped':>10}{'img/s':>10}")
         for mode, key in (("train", "train_step_s"), ("inference", "infer_s")):
-            s, g = r[f"{key}_split"], r[f"{key}_grouped"]
-            print(f"  {mode:<10}{s:>10.3f}{g:>11.3f}{s / g:>8.3f}{r['batch'] / s:>13.1f}")
-        print(f"  fp32 matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s, "
-              f"training model FLOP utilisation {100 * r['train_mfu']:.1f}%")
+            g = r[f"{key}_grouped"]
+            for st in r["strategies"]:
+                s = r[f"{key}_split_{st}"]
+                tag = " (default)" if st == r["default_strategy"] else ""
+                print(f"  {mode:<10}{'split ' + st + tag:<28}{s:>9.3f}{s / g:>10.3f}{r['batch'] / s:>10.1f}")
+            print(f"  {mode:<10}{'grouped':<28}{g:>9.3f}{1:>10.3f}{r['batch'] / g:>10.1f}")
+        print(f"  {r['matmul_peak_dtype']} matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s, "
+              f"training model FLOP utilisation {100 * r['train_mfu']:.1f}% (split, {r['default_strategy']})")
+    for name, o in res.get("overlap", {}).items():
+        print(f"\n[overlap {name}] {o['strategy']}: the columns ({o['kind']}) are busy together "
+              f"{100 * o['overlap']:.0f}% of the time any is busy ({o['both_s']:.3f} of {o['busy_s']:.3f} s)")
     d = res.get("data")
     if d:
         print(f"\n[data] decode {d['decode_images_per_s_per_core']:.0f} img/s/core; cached path "
@@ -221,24 +408,69 @@ def _print(res: dict) -> None:
                  f"{d['train_step_images_per_s']:.1f} img/s)" if "one_worker_over_train_step" in d else ""))
 
 
-def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True) -> dict:
+def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True, precisions=None,
+        overlap: bool = True, trace_dir=None) -> dict:
+    """Every section for the placements asked (default: cpu, plus cuda / cuda2 for the GPUs present).
+
+    cpu    the CPU emulation, fp32
+    cuda   both columns on cuda:0, once per precision (default fp32, tf32, bf16, bf16_cl);
+           sections "cuda" (fp32) and "cuda_<precision>"
+    cuda2  columns on cuda:0 and cuda:1 against the grouped network on cuda:0 (bf16), and both
+           columns on cuda:0 in the same run ("cuda2_one_gpu")
+    """
+    ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if placements is None:
-        placements = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        placements = ["cpu"] + (["cuda"] if ngpu else []) + (["cuda2"] if ngpu >= 2 else [])
     res = {"host": {"python": sys.version.split()[0], "torch": torch.__version__,
                     "machine": platform.machine(), "cpus": os.cpu_count(),
                     "threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+                    "gpu": torch.cuda.get_device_name(0) if ngpu else None, "gpus": ngpu}}
+    overlaps = {}
     for place in placements:
-        if place == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("bench: placement 'cuda' asked for, but no CUDA device is present")
-        res[place] = compare(layout, "cuda:0" if place == "cuda" else "cpu", batch, reps)
+        if place not in ("cpu", "cuda", "cuda2"):
+            raise ValueError(f"bench: unknown placement {place!r} (cpu, cuda, cuda2)")
+        if place.startswith("cuda") and ngpu < (2 if place == "cuda2" else 1):
+            raise RuntimeError(f"bench: placement {place!r} asked for, but only {ngpu} CUDA device(s) are present")
+        if place == "cpu":
+            res["cpu"] = compare(layout, "cpu", batch, reps)
+        elif place == "cuda":
+            for mode in precisions or ("fp32", "tf32", "bf16", "bf16_cl"):
+                res["cuda" if mode == "fp32" else f"cuda_{mode}"] = compare(layout, "cuda:0", batch, reps, mode=mode)
+        else:
+            mode = (precisions or ("bf16",))[-1]
+            res["cuda2"] = compare(layout, ("cuda:0", "cuda:1"), batch, reps, mode=mode, baseline_device="cuda:0")
+            res["cuda2_one_gpu"] = compare(layout, "cuda:0", batch, reps, mode=mode, strategies=["sequential"])
+            res["cuda2"]["train_ratio_two_gpus_over_one"] = (res["cuda2"]["train_step_s_split"]
+                                                             / res["cuda2_one_gpu"]["train_step_s_split"])
+        if overlap:
+            overlaps.update(_overlaps(place, layout, min(batch, 32), trace_dir))
+    if overlaps:
+        res["overlap"] = overlaps
     if data:
         res["data"] = data_path(batch, res.get("cpu", {}).get("train_images_per_s_split"))
     return res
 
 
+def _overlaps(place: str, layout: str, batch: int, trace_dir) -> dict:
+    """Profiler-measured overlap of the columns for the placement's concurrent strategies."""
+    from .model import SplitAlexNet
+    cases = {"cpu": [("cpu_threads", "cpu", "threads")],
+             "cuda": [("cuda_streams", "cuda:0", "streams"), ("cuda_sequential", "cuda:0", "sequential")],
+             "cuda2": [("cuda2", ("cuda:0", "cuda:1"), "sequential")]}[place]
+    out = {}
+    for name, devs, st in cases:
+        torch.manual_seed(0)
+        m = SplitAlexNet(1000, layout, devices=devs, concurrency=st)
+        x = torch.randn(batch, 3, m.input_side, m.input_side, device=m.devices[0]) * 60
+        trace = str(Path(trace_dir) / f"trace_{name}.json") if trace_dir else None
+        with precision("bf16" if place != "cpu" else "fp32", m.devices[0].type):
+            out[name] = column_overlap(m, x, steps=3, trace=trace)
+    return out
+
+
 def _main(args) -> int:
-    res = run(args.placements, args.layout, args.batch, args.reps, not args.no_data)
+    res = run(args.placements, args.layout, args.batch, args.reps, not args.no_data, args.precisions,
+              not args.no_overlap, args.traces)
     if args.distributed:
         res["distributed"] = distributed_vs_single(batch=min(args.batch, 32))
         d = res["distributed"]

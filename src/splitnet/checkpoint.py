@@ -86,6 +86,7 @@ def model_from_checkpoint(ck: dict, devices=None):
     cfg = from_dict(TrainConfig, ck["config"])
     classes = list(ck["classes"])
     mcfg = replace(cfg.model, num_classes=len(classes))
-    model = SplitAlexNet(config=mcfg, devices=devices if devices is not None else (tuple(cfg.devices) or None))
+    model = SplitAlexNet(config=mcfg, devices=devices if devices is not None else (tuple(cfg.devices) or None),
+                         concurrency=cfg.concurrency)
     restore_model(model, ck)
     return model.eval(), cfg, classes

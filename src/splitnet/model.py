@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import concurrent as _concurrent
 from . import config as _config
 from .config import ModelConfig
 from .exchange import LocalExchange
@@ -119,12 +120,15 @@ class SplitAlexNet(nn.Module):
     num_classes: outputs of fc8 (default 1000, or config's). layout: a name from `splitnet.layouts()` or a Layout.
     devices: None (pick GPUs if present, else CPU emulation), one device for all columns, or one per
     column, e.g. ("cuda:0", "cuda:1"). config / overrides: ModelConfig fields (paper defaults).
+    concurrency: how one process runs its columns at the same time, "auto", "sequential", "threads"
+    (CPU emulation) or "streams" (one GPU); concurrent.py. It changes speed, never the result.
     Input: float [B, 3, 224, 224] mean-subtracted 0..255 RGB (227 with input_mode="caffe227").
     Output: logits [B, num_classes] on the head column's device.
     """
 
     def __init__(self, num_classes: int | None = None, layout=None, devices=None,
-                 config: ModelConfig | None = None, local_columns=None, **overrides):
+                 config: ModelConfig | None = None, local_columns=None, concurrency: str = "auto",
+                 **overrides):
         super().__init__()
         cfg = config or ModelConfig()
         num_classes = cfg.num_classes if num_classes is None else num_classes
@@ -146,6 +150,14 @@ class SplitAlexNet(nn.Module):
         for c in self.local:
             self.columns[c].to(self.devices[c])
         self.exchange = LocalExchange(self.devices)
+        self.concurrency = concurrency
+        _concurrent.choose(self, concurrency)  # a bad or impossible request fails here, naming why
+
+    @property
+    def strategy(self) -> str:
+        """The concurrency strategy the next forward pass uses ("auto" resolved now: it depends on
+        the intra-op thread count, which a run may set after building the model)."""
+        return _concurrent.choose(self, self.concurrency)
 
     # ---- init (§5) ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -205,6 +217,11 @@ class SplitAlexNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits on the head column's device (None in a process that does not hold the head)."""
+        strategy = self.strategy
+        if strategy == "threads":
+            return _concurrent.threads_forward(self, self.prepare_input(x))
+        if strategy == "streams":
+            return _concurrent.streams_forward(self, self.prepare_input(x))
         return self.forward_columns(x)[self.layout.head]
 
     def set_dropout_stream(self, seed: int | None, full_batch: int = 0, offset: int = 0) -> None:

@@ -66,6 +66,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every this many steps (0: at each epoch end only)
     log_every: int = 10  # progress lines every this many steps when output is not a terminal
     threads: int = 0  # torch intra-op threads (0: torch's default)
+    # how one process runs its columns at once: "auto", "sequential", "threads", "streams" (concurrent.py)
+    concurrency: str = "auto"
     dist_timeout_s: float = 300.0  # under torchrun: a collective waiting longer (a dead or hung rank) fails
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -75,6 +77,9 @@ class TrainConfig:
         for key in ("batch_size", "epochs", "eval_every", "eval_batch_size", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        from .concurrent import STRATEGIES
+        if self.concurrency not in STRATEGIES:
+            raise ConfigError(f"concurrency: {self.concurrency!r} is not one of {', '.join(STRATEGIES)}")
         for key in ("max_steps", "checkpoint_every", "eval_max_batches", "threads"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")

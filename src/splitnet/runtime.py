@@ -20,7 +20,8 @@ class LocalRuntime:
     def build_model(self, cfg, num_classes: int):
         from .config import replace
         from .model import SplitAlexNet
-        return SplitAlexNet(config=replace(cfg.model, num_classes=num_classes), devices=tuple(cfg.devices) or None)
+        return SplitAlexNet(config=replace(cfg.model, num_classes=num_classes), devices=tuple(cfg.devices) or None,
+                            concurrency=cfg.concurrency)
 
     def share(self, x, y):
         """This process's rows of the global batch: (x, y, offset)."""
