@@ -53,3 +53,13 @@ def test_distributed_bench_tiny():
     assert d["single_step_s"] > 0 and d["ranks2_step_s"] > 0
     assert set(d["exchange_share"]) == {"conv3", "fc6", "fc7", "fc8"}
     assert all(0 < v < 1 for v in d["exchange_share"].values())
+
+
+def test_input_path_bench_tiny():
+    """The cache-fed training measurement runs both input paths end to end (here on the CPU)."""
+    from splitnet.bench import input_path
+    r = input_path("cpu", batch=4, mode="fp32", workers=1, per_class=1, epochs=2)
+    for key in ("train_images_per_s_on_device_batches", "train_images_per_s_device_input",
+                "train_images_per_s_cpu_input"):
+        assert r[key] > 0, key
+    assert r["device_input_over_on_device"] == r["train_images_per_s_device_input"] / r["train_images_per_s_on_device_batches"]

@@ -156,6 +156,9 @@ def test_train_batch_matches_definition_for_every_ablation(switches):
     fl = prm.flip if flip else torch.zeros(6, dtype=torch.bool)
     composed = P._composed(images, dy, dx, fl, mean if mean_sub else None, shift, cfg)
     assert torch.equal(got, composed)
+    # and so does the batched gather of the device input path (run here on CPU tensors)
+    gathered = P._gathered(images, dy, dx, fl, mean if mean_sub else None, shift, cfg)
+    assert torch.equal(gathered, composed)
 
 
 def test_center_mean_crop_option_subtracts_the_means_centre_patch():
@@ -170,6 +173,10 @@ def test_center_mean_crop_option_subtracts_the_means_centre_patch():
         if prm.flip[b]:
             ref = ref.flip(-1)
         assert torch.equal(got[b], ref)
+    shift = T.lighting_shift(prm.alpha, torch.ones(3), torch.eye(3))
+    assert torch.equal(P._gathered(images, prm.dy, prm.dx, prm.flip, mean, None, cfg), got)
+    assert torch.equal(P._composed(images, prm.dy, prm.dx, prm.flip, mean, shift, cfg),
+                       P._gathered(images, prm.dy, prm.dx, prm.flip, mean, shift, cfg))
 
 
 def test_eval_batch_centre_and_ten_patches():
@@ -223,6 +230,6 @@ def test_transforms_run_on_the_gpu_and_match_the_cpu():
     prm = _params(8)
     cpu = P.train_batch(images, prm, mean, vals.float(), vecs.float(), cfg)
     gpu = P.train_batch(images.cuda(), prm, mean.cuda(), vals.float(), vecs.float(), cfg)
-    assert gpu.is_cuda and torch.allclose(gpu.cpu(), cpu, atol=1e-4)
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)  # the same float32 operations on the same operands
     ten = P.eval_batch(images.cuda(), mean.cuda(), cfg, ten=True)
     assert torch.equal(ten.cpu(), P.eval_batch(images, mean, cfg, ten=True))

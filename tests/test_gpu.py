@@ -48,3 +48,55 @@ def test_two_gpu_gradients_match_cpu():
     cpu(x).sum().backward()
     for cg, cc in zip(gpu.parameters(), cpu.parameters()):
         assert rel(cg.grad.cpu(), cc.grad) < 1e-4
+
+
+def _train_grads(m, x, y):
+    m.zero_grad(set_to_none=True)
+    logits = m(x)
+    torch.nn.functional.cross_entropy(logits.float(), y).backward()
+    return logits.detach().float().cpu(), [p.grad.float().cpu() for p in m.parameters()]
+
+
+@pytest.mark.skipif(ngpu < 1, reason="needs a CUDA device")
+@pytest.mark.parametrize("mode,tol", [("fp32", 1e-4), ("bf16", 5e-2), ("bf16_cl", 5e-2)])
+def test_fast_paths_on_one_gpu_match_the_cpu(mode, tol):
+    """Both columns on cuda:0, sequential and on two CUDA streams, in each numeric mode the benchmark
+    times: logits and every gradient against the CPU model (fp32), to that mode's tolerance."""
+    from splitnet.bench import PRECISIONS, precision
+    torch.manual_seed(0)
+    cpu = splitnet.SplitAlexNet(num_classes=10, devices="cpu", concurrency="sequential").eval()
+    x = torch.randn(8, 3, 224, 224) * 60
+    y = torch.randint(0, 10, (8,))
+    ref_logits, ref_grads = _train_grads(cpu, x, y)
+    for strategy in ("sequential", "streams"):
+        m = splitnet.SplitAlexNet(num_classes=10, devices="cuda:0", concurrency=strategy).eval()
+        m.load_state_dict(cpu.state_dict())
+        fmt = torch.channels_last if PRECISIONS[mode][2] else torch.contiguous_format
+        m.to(memory_format=fmt)
+        with precision(mode, "cuda"):
+            logits, grads = _train_grads(m, x.cuda().contiguous(memory_format=fmt), y.cuda())
+        assert rel(logits, ref_logits) < tol, strategy
+        for g, r in zip(grads, ref_grads):
+            assert rel(g, r) < tol, strategy
+
+
+@pytest.mark.skipif(ngpu < 1, reason="needs a CUDA device")
+def test_streams_overlap_is_measured_on_the_gpu():
+    from splitnet.bench import column_overlap
+    m = splitnet.SplitAlexNet(num_classes=10, devices="cuda:0", concurrency="streams")
+    res = column_overlap(m, torch.randn(16, 3, 224, 224, device="cuda:0") * 60, steps=2)
+    assert res["lanes"] >= 2 and res["busy_s"] > 0  # kernels on two streams (how much they overlap: bench)
+
+
+@pytest.mark.skipif(ngpu < 1, reason="needs a CUDA device")
+def test_device_input_batches_equal_the_cpu_loader(tmp_path):
+    from splitnet.data import DataConfig, DeviceBatches, ensure_cache, make_loader, make_synthetic
+    root = make_synthetic(tmp_path / "syn", seed=1, classes=4, train_per_class=6, val_per_class=1)
+    cache = ensure_cache(root, tmp_path)
+    cfg = DataConfig(workers=1)
+    ref = list(make_loader(cache, "train", 8, seed=2, epoch=0, cfg=cfg))
+    got = list(DeviceBatches(make_loader(cache, "train", 8, seed=2, epoch=0, cfg=cfg, raw=True, pin_memory=True),
+                             "cuda:0", cfg=cfg))
+    assert len(got) == len(ref) == 3
+    for (x, y), (rx, ry) in zip(got, ref):
+        assert x.is_cuda and torch.equal(x.cpu(), rx) and torch.equal(y.cpu(), ry)

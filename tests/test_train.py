@@ -83,6 +83,31 @@ def test_resume_is_exact(tiny_cache, straight_run, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def test_device_input_path_trains_the_same_run(tiny_cache, straight_run, tmp_path):
+    """Batches finished on the model's device from the uint8 cache (here the CPU, in the main process)
+    are bitwise the workers' batches: the same losses and weights as the default path, and resumable
+    mid-run across the two paths."""
+    out = tmp_path / "run"
+    train(load_config(SMOKE, _sets(tiny_cache, "max_steps=3", 'input_device="device"')), out, progress=False)
+    train(out=out, resume=True, sets=["max_steps=6", 'input_device="cpu"'], progress=False)
+    assert _losses(out) == _losses(straight_run)
+    a, b = ckpt.load(out / "checkpoint.pt"), ckpt.load(straight_run / "checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_device_batches_match_the_cpu_loader(tiny_cache):
+    from splitnet.data import DataConfig, DeviceBatches, make_loader
+    cfg = DataConfig(workers=0)
+    for train_mode, ten in ((True, False), (False, False), (False, True)):
+        kw = dict(seed=4, epoch=1, train=train_mode, cfg=cfg, ten_patches=ten, start_batch=1)
+        ref = list(make_loader(tiny_cache, "train", 8, **kw))
+        got = list(DeviceBatches(make_loader(tiny_cache, "train", 8, raw=True, **kw), "cpu", cfg=cfg,
+                                 train=train_mode, ten_patches=ten))
+        assert len(got) == len(ref) > 0
+        for (x, y), (rx, ry) in zip(got, ref):
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
 def test_sigint_saves_and_resume_continues(tiny_cache, straight_run, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))

@@ -23,6 +23,9 @@ Keys of each section:
   train_mfu                       model FLOPs (6 x MACs per image: forward + backward) per second of the
                                   split model, over that peak (goal >= 0.45 on the CPU)
   cuda2.train_ratio_two_gpus_over_one   split across two GPUs over both columns on one
+  cuda_input                      training images/s fed from the uint8 cache: device_input (augmented on
+                                  the GPU, data/device_input.py) and cpu_input (augmented by the
+                                  workers), each over train_images_per_s_on_device_batches (goal >= 0.8)
   overlap.<case>                  profiler-measured concurrency of the columns: busy_s (time any
                                   column works), both_s (time two or more do), overlap = both / busy;
                                   cases cpu_threads, cuda_streams, cuda_sequential, cuda2
@@ -164,7 +167,7 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
         if st != strategies[0]:
             nets[f"split_{st}"].load_state_dict(nets[f"split_{strategies[0]}"].state_dict())
     first = nets[f"split_{strategies[0]}"]
-    default = choose(SplitAlexNet(num_classes, layout, devices=devices), "auto")
+    default = choose(first, "auto")
     grouped = GroupedAlexNet(first.config).to(base)
     grouped.load_state_dict(first.grouped_state_dict())
     nets["grouped"] = grouped
@@ -353,6 +356,71 @@ def data_path(batch: int = 128, train_images_per_s: float | None = None) -> dict
     return out
 
 
+def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: int | None = None,
+               per_class: int = 100, epochs: int = 2) -> dict:
+    """Training images/s fed from the uint8 cache against training on one batch already on the device.
+
+    "device" path: DataLoader workers gather uint8 images, DeviceBatches crops, mirrors, lights and
+    subtracts the mean on the device one batch ahead (data/device_input.py). "cpu" path: the workers
+    do all of it and send float32 crops. Synthetic 256x256 images, 10 classes x `per_class`.
+    """
+    import shutil
+    import tempfile
+
+    from .data import DataConfig, DeviceBatches, make_loader, make_synthetic, prepare
+    from .model import SplitAlexNet
+
+    dev = torch.device(device)
+    workers = workers if workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
+    tmp = Path(tempfile.mkdtemp(prefix="splitnet-binput-"))
+    try:
+        root = make_synthetic(tmp / "src", seed=0, classes=10, train_per_class=per_class, val_per_class=1,
+                              workers=workers)
+        prepare(root, tmp / "cache", workers=workers, progress=False)
+        torch.manual_seed(0)
+        model = SplitAlexNet(10, devices=dev)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
+        head = model.devices[model.layout.head]
+        cfg = DataConfig(workers=workers)
+        sync = sorted(set(model.devices), key=str)
+        with precision(mode, dev.type):
+            x = torch.randn(batch, 3, 224, 224, device=dev) * 60
+            y = torch.randint(0, 10, (batch,), device=head)
+            for _ in range(2):
+                _train_step(model, opt, x, y)
+            steps = 10
+            on_device = _timed(lambda: [_train_step(model, opt, x, y) for _ in range(steps)], sync) / steps
+            rates = {}
+            for path in ("device", "cpu"):
+                n, t0 = 0, None
+                for epoch in range(epochs):
+                    loader = make_loader(tmp / "cache", "train", batch, seed=0, epoch=epoch, train=True, cfg=cfg,
+                                         pin_memory=dev.type == "cuda", raw=path == "device")
+                    if path == "device":
+                        loader = DeviceBatches(loader, dev, head, cfg)
+                    for xb, yb in loader:
+                        if t0 is None:  # the first batch waits for the workers to start
+                            for d in sync:
+                                _sync(d)
+                            t0 = time.perf_counter()
+                            continue
+                        _train_step(model, opt, xb.to(dev, non_blocking=True), yb.to(head, non_blocking=True))
+                        n += len(xb)
+                for d in sync:
+                    _sync(d)
+                rates[path] = n / (time.perf_counter() - t0) if n else 0.0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    on_dev_ips = batch / on_device
+    return {"device": str(dev), "precision": mode, "batch": batch, "workers": workers,
+            "images": 10 * per_class, "epochs": epochs,
+            "train_images_per_s_on_device_batches": on_dev_ips,
+            "train_images_per_s_device_input": rates["device"],
+            "train_images_per_s_cpu_input": rates["cpu"],
+            "device_input_over_on_device": rates["device"] / on_dev_ips,
+            "cpu_input_over_on_device": rates["cpu"] / on_dev_ips}
+
+
 def distributed_vs_single(batch: int = 32, steps: int = 4) -> dict:
     """Run bench_dist.py in one process and under torchrun with 2 ranks (gloo on the CPU)."""
     import socket
@@ -399,6 +467,13 @@ def _print(res: dict) -> None:
     for name, o in res.get("overlap", {}).items():
         print(f"\n[overlap {name}] {o['strategy']}: the columns ({o['kind']}) are busy together "
               f"{100 * o['overlap']:.0f}% of the time any is busy ({o['both_s']:.3f} of {o['busy_s']:.3f} s)")
+    d = res.get("cuda_input")
+    if d:
+        print(f"\n[input path, {d['device']}, {d['precision']}, {d['workers']} workers] training from the uint8 cache: "
+              f"device input {d['train_images_per_s_device_input']:.0f} img/s "
+              f"({100 * d['device_input_over_on_device']:.0f}% of {d['train_images_per_s_on_device_batches']:.0f} "
+              f"img/s on batches already there), CPU input {d['train_images_per_s_cpu_input']:.0f} img/s "
+              f"({100 * d['cpu_input_over_on_device']:.0f}%)")
     d = res.get("data")
     if d:
         print(f"\n[data] decode {d['decode_images_per_s_per_core']:.0f} img/s/core; cached path "
@@ -444,6 +519,8 @@ def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True, p
                                                              / res["cuda2_one_gpu"]["train_step_s_split"])
         if overlap:
             overlaps.update(_overlaps(place, layout, min(batch, 32), trace_dir))
+        if place == "cuda" and data:
+            res["cuda_input"] = input_path("cuda:0", batch)
     if overlaps:
         res["overlap"] = overlaps
     if data:

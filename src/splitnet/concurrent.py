@@ -271,6 +271,7 @@ def streams_forward(model, x: torch.Tensor) -> torch.Tensor:
     n = model.layout.columns
     main = torch.cuda.current_stream(dev)
     streams = _column_streams(dev, n)
+    x = x.to(dev, non_blocking=True)
     prev = [x] * n
     for s in streams:
         s.wait_stream(main)  # the input was produced on the caller's stream

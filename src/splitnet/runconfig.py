@@ -68,6 +68,10 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads (0: torch's default)
     # how one process runs its columns at once: "auto", "sequential", "threads", "streams" (concurrent.py)
     concurrency: str = "auto"
+    # where the training input is cropped, mirrored, lit and mean-subtracted: "cpu" (DataLoader
+    # workers), "device" (the model's first device, from the uint8 cache: data/device_input.py), or
+    # "auto" (device on a GPU, cpu otherwise). The batches are bitwise the same either way.
+    input_device: str = "auto"
     dist_timeout_s: float = 300.0  # under torchrun: a collective waiting longer (a dead or hung rank) fails
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -80,6 +84,8 @@ class TrainConfig:
         from .concurrent import STRATEGIES
         if self.concurrency not in STRATEGIES:
             raise ConfigError(f"concurrency: {self.concurrency!r} is not one of {', '.join(STRATEGIES)}")
+        if self.input_device not in ("auto", "cpu", "device"):
+            raise ConfigError(f"input_device: {self.input_device!r} is not 'auto', 'cpu' or 'device'")
         for key in ("max_steps", "checkpoint_every", "eval_max_batches", "threads"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .data import DataConfig, PackedDataset, ensure_cache, make_loader, make_synthetic
+from .data import DataConfig, DeviceBatches, PackedDataset, ensure_cache, make_loader, make_synthetic
 from .data.rng import derive_seed
 from .evaluate import predict_probs, topk_errors
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
@@ -290,6 +290,7 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
 
     in_dev = model.devices[model.local[0]]
     head_dev = model.devices[model.layout.head]
+    on_device = cfg.input_device == "device" or (cfg.input_device == "auto" and in_dev.type == "cuda")
     status, t_start = "finished", time.time()
     last_eval = {}
     try:
@@ -298,7 +299,9 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
                 e = state["epoch"]
                 loader = make_loader(cache, "train", cfg.batch_size, cfg.seed, e, train=True,
                                      start_batch=state["batch"], cfg=cfg.data, dataset=train_ds,
-                                     pin_memory=in_dev.type == "cuda")
+                                     pin_memory=in_dev.type == "cuda", raw=on_device)
+                if on_device:  # uint8 batches finished on the model's device, one ahead
+                    loader = DeviceBatches(loader, in_dev, head_dev, cfg.data)
                 # Creating the iterator draws a base seed from the global RNG: fork it, so nothing
                 # depends on where in an epoch a run was resumed.
                 with torch.random.fork_rng(devices=[]):

@@ -4,13 +4,17 @@
     splitnet data prepare --src ROOT --out CACHE   decode once (preparation.py, decode.py, stats.py, cache.py)
     make_loader(CACHE, "train", 128, seed, epoch)  batches for training / evaluation (loader.py, pipeline.py)
 
+    DeviceBatches(make_loader(..., raw=True), "cuda:0")   the same batches finished on the GPU (device_input.py)
+
 transforms.py holds the paper's transforms, one small function each.
 """
 from .cache import ensure_cache, is_cache
 from .config import DataConfig, DataError
+from .device_input import DeviceBatches
 from .loader import BatchLoader, PackedDataset, epoch_order, make_loader
 from .preparation import prepare
 from .synth import make_synthetic
 
 __all__ = ["DataConfig", "DataError", "PackedDataset", "BatchLoader", "make_loader", "epoch_order", "prepare",
-           "ensure_cache", "is_cache", "make_synthetic"]
+           "ensure_cache", "is_cache", "make_synthetic",
+           "DeviceBatches"]

@@ -96,9 +96,10 @@ class _Batches(Dataset):
     """Item k = the finished batch k of one epoch (the DataLoader sees whole batches)."""
 
     def __init__(self, ds: PackedDataset, order: torch.Tensor, batch_size: int, n_batches: int, seed: int,
-                 epoch: int, train: bool, ten: bool, cfg: DataConfig):
+                 epoch: int, train: bool, ten: bool, cfg: DataConfig, raw: bool = False):
         self.ds, self.order, self.batch_size, self.n_batches = ds, order, batch_size, n_batches
         self.seed, self.epoch, self.train, self.ten, self.cfg = seed, epoch, train, ten, cfg
+        self.raw = raw
 
     def __len__(self) -> int:
         return self.n_batches
@@ -108,6 +109,10 @@ class _Batches(Dataset):
         hi = min(lo + self.batch_size, len(self.order))
         images, labels = self.ds.get_batch(self.order[lo:hi].numpy())
         mean = self.ds.mean
+        if self.raw:  # the device input path augments on the model's device (device_input.py)
+            if not self.train:
+                return images, labels
+            return images, labels, P.sample_params(self.seed, self.epoch, range(lo, hi), self.cfg, self.ds.image_size)
         if self.train:
             params = P.sample_params(self.seed, self.epoch, range(lo, hi), self.cfg, self.ds.image_size)
             x = P.train_batch(images, params, mean, self.ds.eigvals, self.ds.eigvecs, self.cfg)
@@ -139,7 +144,7 @@ class BatchLoader:
 def make_loader(cache_dir, split: str, batch_size: int, seed: int = 0, epoch: int = 0, train: bool = True,
                 workers: int | None = None, start_batch: int = 0, cfg: DataConfig | None = None,
                 ten_patches: bool = False, drop_last: bool | None = None, pin_memory: bool = False,
-                dataset: PackedDataset | None = None) -> BatchLoader:
+                dataset: PackedDataset | None = None, raw: bool = False) -> BatchLoader:
     """Batches of split `split` of the cache (§4.1).
 
     train=True: shuffled by (seed, epoch), augmented per cfg -> float32 [B, 3, 224, 224].
@@ -148,6 +153,8 @@ def make_loader(cache_dir, split: str, batch_size: int, seed: int = 0, epoch: in
     drop_last (default: True when training) drops the epoch's last partial batch. workers: DataLoader
     processes (default cfg.workers); results are bitwise the same for any number. start_batch: resume
     inside the epoch. dataset: an already opened PackedDataset of that split, to save re-reading.
+    raw=True: the batches as cached, not yet augmented: (uint8 [B, 3, S, S], labels, AugmentParams)
+    when training, (uint8, labels) otherwise; device_input.DeviceBatches finishes them on a GPU.
     """
     cfg = cfg or DataConfig()
     ds = dataset if dataset is not None else PackedDataset(cache_dir, split)
@@ -161,5 +168,5 @@ def make_loader(cache_dir, split: str, batch_size: int, seed: int = 0, epoch: in
     if not 0 <= start_batch <= n_batches:
         raise ValueError(f"start_batch {start_batch} outside 0..{n_batches} (batches in this epoch)")
     order = epoch_order(n, seed, epoch) if train else torch.arange(n)
-    batches = _Batches(ds, order, batch_size, n_batches, seed, epoch, train, ten_patches, cfg)
+    batches = _Batches(ds, order, batch_size, n_batches, seed, epoch, train, ten_patches, cfg, raw)
     return BatchLoader(batches, start_batch, cfg.workers if workers is None else workers, pin_memory)

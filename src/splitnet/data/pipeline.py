@@ -37,6 +37,9 @@ class AugmentParams:
     def __len__(self) -> int:
         return self.dy.shape[0]
 
+    def pin_memory(self) -> "AugmentParams":  # DataLoader(pin_memory=True) calls this
+        return AugmentParams(*(getattr(self, f).pin_memory() for f in ("dy", "dx", "flip", "alpha")))
+
 
 def draw_params(n: int, generator: torch.Generator, max_offset: int, flip_p: float = 0.5,
                 lighting_std: float = 0.1) -> AugmentParams:
@@ -63,8 +66,9 @@ def train_batch(images: torch.Tensor, params: AugmentParams, mean: torch.Tensor 
     """uint8 [B, 3, S, S] -> float32 [B, 3, c, c], c = cfg.crop_size: the §4.1 training input.
 
     On a CPU a fused per-image loop computes it (one pass over each crop, no batch-sized
-    temporaries, several times faster); elsewhere the composition of the transforms. Both give bitwise the
-    same result (tests hold them equal): the fused loop does the same float32 operations in the same order.
+    temporaries, several times faster); on a GPU one batched gather (no per-image kernels: the
+    device input path, device_input.py). All give bitwise the same result as the composition of the
+    transforms (tests hold them equal): the same float32 operations, on the same operands.
     """
     b, s = images.shape[0], images.shape[-1]
     if cfg.random_crop:
@@ -75,7 +79,7 @@ def train_batch(images: torch.Tensor, params: AugmentParams, mean: torch.Tensor 
     shift = T.lighting_shift(params.alpha, eigvals, eigvecs, cfg.lighting_units) if cfg.lighting else None
     if not (cfg.mean_subtraction and mean is not None):
         mean = None
-    run = _fused_cpu if images.device.type == "cpu" else _composed
+    run = _fused_cpu if images.device.type == "cpu" else _gathered
     return run(images, dy, dx, flips, mean, shift, cfg)
 
 
@@ -111,6 +115,32 @@ def _fused_cpu(images, dy, dx, flips, mean, shift, cfg) -> torch.Tensor:
         if shift is not None:
             o.add_(shift[b].view(-1, 1, 1))
     return out
+
+
+def _gathered(images, dy, dx, flips, mean, shift, cfg) -> torch.Tensor:
+    """_composed as a few batched kernels: the crop (mirrored or not) is one gather of pixel indices,
+    so a batch costs the same number of kernel launches whatever its size (the GPU path)."""
+    b, ch, s = images.shape[0], images.shape[1], images.shape[-1]
+    c, dev = cfg.crop_size, images.device
+    ar = torch.arange(c, device=dev)
+    dy, dx, flips = dy.to(dev), dx.to(dev), flips.to(dev)
+
+    def index(oy, ox):  # [B, c*c] flat pixel indices of each crop, columns reversed where mirrored
+        cols = torch.where(flips[:, None], ox[:, None] + (c - 1 - ar), ox[:, None] + ar)
+        return ((oy[:, None] + ar)[:, :, None] * s + cols[:, None, :]).reshape(b, 1, c * c)
+
+    idx = index(dy, dx)
+    x = images.reshape(b, ch, s * s).gather(2, idx.expand(b, ch, -1)).to(torch.float32)
+    if mean is not None:
+        if cfg.mean_crop == "aligned":  # the mean cropped and mirrored with its image
+            midx = idx
+        else:  # the centre patch, mirrored where the image is (mirroring x - m mirrors both)
+            o = torch.full_like(dy, T.center_offset(s, c))
+            midx = index(o, o)
+        m = mean.to(dev, torch.float32).reshape(1, ch, s * s).expand(b, -1, -1).gather(2, midx.expand(b, ch, -1))
+        x = x - m
+    x = x.reshape(b, ch, c, c)
+    return x if shift is None else x + shift.to(dev, torch.float32).view(b, ch, 1, 1)
 
 
 def _output(shape) -> torch.Tensor:
