@@ -63,3 +63,13 @@ def test_input_path_bench_tiny():
                 "train_images_per_s_cpu_input"):
         assert r[key] > 0, key
     assert r["device_input_over_on_device"] == r["train_images_per_s_device_input"] / r["train_images_per_s_on_device_batches"]
+
+
+def test_compiled_variants_run_and_are_reported():
+    """--compile times torch.compile'd nets beside the others (backend "eager" here: dynamo's tracing
+    without code generation, so the test stays fast)."""
+    from splitnet.bench import compare
+    r = compare("paper", "cpu", batch=2, reps=1, num_classes=10, compile_backend="eager")
+    assert r["compile_backend"] == "eager"
+    for name in ("split_sequential_compiled", "grouped_compiled"):
+        assert r[f"train_step_s_{name}"] > 0 and r[f"infer_s_{name}"] > 0

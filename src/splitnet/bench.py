@@ -66,6 +66,8 @@ def register(sub) -> None:
                    help="GPU numeric modes to time (default: all)")
     p.add_argument("--no-overlap", action="store_true", help="skip the profiler's overlap measurement")
     p.add_argument("--traces", default=None, help="keep the profiler's Chrome traces in this folder")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="also time torch.compile'd sequential split and grouped networks (default backend inductor)")
     p.add_argument("--distributed", action="store_true",
                    help="also: 2 gloo ranks under torchrun vs one process (bench_dist.py)")
     p.set_defaults(func=_main)
@@ -144,12 +146,16 @@ def strategies_for(devices) -> list:
 
 
 def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3,
-            num_classes: int = 1000, mode: str = "fp32", strategies=None, baseline_device=None) -> dict:
+            num_classes: int = 1000, mode: str = "fp32", strategies=None, baseline_device=None,
+            compile_backend: str | None = None) -> dict:
     """Training step and inference of the split model (each concurrency strategy) against the
     single-device grouped network, interleaved, in one process.
 
     device: one device for every column, or one per column (two GPUs). The grouped network runs on
-    `baseline_device` (default: the first column's device). mode: a key of PRECISIONS."""
+    `baseline_device` (default: the first column's device). mode: a key of PRECISIONS.
+    compile_backend: also time torch.compile(backend=...) of the sequential split model and of the
+    grouped network ("split_sequential_compiled", "grouped_compiled"; dropout from the global RNG, as
+    here). The threads strategy is not compiled (its columns run in worker threads)."""
     from .concurrent import choose
     from .grouped import GroupedAlexNet
     from .layout import get_layout
@@ -171,16 +177,25 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
     grouped = GroupedAlexNet(first.config).to(base)
     grouped.load_state_dict(first.grouped_state_dict())
     nets["grouped"] = grouped
+    compiled = []
+    if compile_backend:
+        seq = SplitAlexNet(num_classes, layout, devices=devices, concurrency="sequential")
+        seq.load_state_dict(first.state_dict())
+        g2 = GroupedAlexNet(first.config).to(base)
+        g2.load_state_dict(first.grouped_state_dict())
+        nets["split_sequential_compiled"] = torch.compile(seq, backend=compile_backend)
+        nets["grouped_compiled"] = torch.compile(g2, backend=compile_backend)
+        compiled = ["split_sequential_compiled", "grouped_compiled"]
     channels_last = PRECISIONS[mode][2]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     xs = {}
     for name, net in nets.items():
         net.to(memory_format=fmt)
-        dev = base if name == "grouped" else devices[0]
+        dev = base if name.startswith("grouped") else devices[0]
         xs[name] = ((torch.randn(batch, 3, first.input_side, first.input_side, generator=torch.Generator().manual_seed(1))
                      * 60).to(dev).contiguous(memory_format=fmt),
                     torch.randint(0, num_classes, (batch,), generator=torch.Generator().manual_seed(2)).to(
-                        base if name == "grouped" else devices[first.layout.head]))
+                        base if name.startswith("grouped") else devices[first.layout.head]))
     opts = {k: torch.optim.SGD(n.parameters(), lr=1e-5, momentum=0.9) for k, n in nets.items()}
     sync = sorted(set(devices) | {base}, key=str)
     times = {f"{m}_{k}": [] for m in ("train", "infer") for k in nets}
@@ -222,6 +237,11 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
         "train_mfu": 6 * macs * batch / med[f"train_{split}"] / 1e9 / peak,
         "all_times_s": times,
     }
+    for name in compiled:
+        res[f"train_step_s_{name}"], res[f"infer_s_{name}"] = med[f"train_{name}"], med[f"infer_{name}"]
+        res[f"train_ratio_{name}_over_grouped"] = med[f"train_{name}"] / med["train_grouped"]
+    if compiled:
+        res["compile_backend"] = compile_backend
     for st in ran:
         res[f"train_step_s_split_{st}"] = med[f"train_split_{st}"]
         res[f"infer_s_split_{st}"] = med[f"infer_split_{st}"]
@@ -462,6 +482,10 @@ def _print(res: dict) -> None:
                 tag = " (default)" if st == r["default_strategy"] else ""
                 print(f"  {mode:<10}{'split ' + st + tag:<28}{s:>9.3f}{s / g:>10.3f}{r['batch'] / s:>10.1f}")
             print(f"  {mode:<10}{'grouped':<28}{g:>9.3f}{1:>10.3f}{r['batch'] / g:>10.1f}")
+            for name in ("split_sequential_compiled", "grouped_compiled"):
+                if f"{key}_{name}" in r:
+                    c = r[f"{key}_{name}"]
+                    print(f"  {mode:<10}{name.replace('_', ' '):<28}{c:>9.3f}{c / g:>10.3f}{r['batch'] / c:>10.1f}")
         print(f"  {r['matmul_peak_dtype']} matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s, "
               f"training model FLOP utilisation {100 * r['train_mfu']:.1f}% (split, {r['default_strategy']})")
     for name, o in res.get("overlap", {}).items():
@@ -484,7 +508,7 @@ def _print(res: dict) -> None:
 
 
 def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True, precisions=None,
-        overlap: bool = True, trace_dir=None) -> dict:
+        overlap: bool = True, trace_dir=None, compile_backend: str | None = None) -> dict:
     """Every section for the placements asked (default: cpu, plus cuda / cuda2 for the GPUs present).
 
     cpu    the CPU emulation, fp32
@@ -507,10 +531,11 @@ def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True, p
         if place.startswith("cuda") and ngpu < (2 if place == "cuda2" else 1):
             raise RuntimeError(f"bench: placement {place!r} asked for, but only {ngpu} CUDA device(s) are present")
         if place == "cpu":
-            res["cpu"] = compare(layout, "cpu", batch, reps)
+            res["cpu"] = compare(layout, "cpu", batch, reps, compile_backend=compile_backend)
         elif place == "cuda":
             for mode in precisions or ("fp32", "tf32", "bf16", "bf16_cl"):
-                res["cuda" if mode == "fp32" else f"cuda_{mode}"] = compare(layout, "cuda:0", batch, reps, mode=mode)
+                res["cuda" if mode == "fp32" else f"cuda_{mode}"] = compare(layout, "cuda:0", batch, reps, mode=mode,
+                                                                           compile_backend=compile_backend)
         else:
             mode = (precisions or ("bf16",))[-1]
             res["cuda2"] = compare(layout, ("cuda:0", "cuda:1"), batch, reps, mode=mode, baseline_device="cuda:0")
@@ -547,7 +572,7 @@ def _overlaps(place: str, layout: str, batch: int, trace_dir) -> dict:
 
 def _main(args) -> int:
     res = run(args.placements, args.layout, args.batch, args.reps, not args.no_data, args.precisions,
-              not args.no_overlap, args.traces)
+              not args.no_overlap, args.traces, args.compile)
     if args.distributed:
         res["distributed"] = distributed_vs_single(batch=min(args.batch, 32))
         d = res["distributed"]
