@@ -97,8 +97,8 @@ def test_device_input_path_trains_the_same_run(tiny_cache, straight_run, tmp_pat
 
 def test_device_batches_match_the_cpu_loader(tiny_cache):
     from splitnet.data import DataConfig, DeviceBatches, make_loader
-    cfg = DataConfig(workers=0)
-    for train_mode, ten in ((True, False), (False, False), (False, True)):
+    for train_mode, ten, workers in ((True, False, 0), (True, False, 1), (False, False, 0), (False, True, 1)):
+        cfg = DataConfig(workers=workers)  # workers=1: the raw batches travel through shared memory
         kw = dict(seed=4, epoch=1, train=train_mode, cfg=cfg, ten_patches=ten, start_batch=1)
         ref = list(make_loader(tiny_cache, "train", 8, **kw))
         got = list(DeviceBatches(make_loader(tiny_cache, "train", 8, raw=True, **kw), "cpu", cfg=cfg,

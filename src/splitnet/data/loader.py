@@ -79,11 +79,13 @@ class PackedDataset(Dataset):
     def get_batch(self, indices) -> tuple:
         """(uint8 [B, 3, S, S], int64 [B]) for the images at `indices`, in that order."""
         idx = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(idx), 3, self.image_size, self.image_size), dtype=np.uint8)
+        # in a worker, straight into shared memory: the raw (device input) path sends this batch as is
+        images = P._output((len(idx), 3, self.image_size, self.image_size), torch.uint8)
+        out = images.numpy()
         for j, i in enumerate(idx):
             shard, row = self._index[i]
             out[j] = self._shard(int(shard))[row]
-        return torch.from_numpy(out), torch.from_numpy(self.labels[idx].astype(np.int64))
+        return images, torch.from_numpy(self.labels[idx].astype(np.int64))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -143,16 +143,16 @@ def _gathered(images, dy, dx, flips, mean, shift, cfg) -> torch.Tensor:
     return x if shift is None else x + shift.to(dev, torch.float32).view(b, ch, 1, 1)
 
 
-def _output(shape) -> torch.Tensor:
-    """An uninitialised float32 tensor; in a DataLoader worker, allocated in shared memory directly (as
+def _output(shape, dtype=torch.float32) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker, allocated in shared memory directly (as
     torch's own collate does), which spares the copy into shared memory when the batch is sent."""
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(shape, dtype=dtype)
     numel = 1
     for n in shape:
         numel *= n
-    storage = torch.empty(0)._typed_storage()._new_shared(numel)
-    return torch.empty(0).new(storage).view(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 def eval_batch(images: torch.Tensor, mean: torch.Tensor | None, cfg: DataConfig, ten: bool = False) -> torch.Tensor:
