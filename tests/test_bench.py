@@ -21,7 +21,12 @@ def test_bench_tiny(tmp_path, capsys):
     assert cpu["best_strategy"] in cpu["strategies"]
     o = res["overlap"]["cpu_threads"]
     assert o["lanes"] == 2 and 0 < o["both_s"] <= o["busy_s"]
-    assert "/grouped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "/grouped" in printed and "[goals]" in printed
+    g = {x["key"]: x for x in res["goals"]}
+    assert g["cpu.train_ratio_split_over_grouped"]["value"] == cpu["train_ratio_split_over_grouped"]
+    assert g["cpu.train_ratio_split_over_grouped"]["met"] == (cpu["train_ratio_split_over_grouped"] <= 1.05)
+    assert g["cuda_bf16.train_images_per_s_split"]["met"] is None  # no GPU section: not measured, not failed
 
 
 def test_busy_overlap_against_hand_computed_intervals():

@@ -33,6 +33,21 @@ def test_lrn_defaults_are_the_papers_and_match_the_formula():
     assert torch.allclose(lrn(x), lrn_formula(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("size", [5, 4, 1, 9])
+def test_lrn_gradient_against_gradcheck_and_torch(size):
+    """The hand-written backward: gradcheck in float64 (odd and even windows, a window wider than the
+    channels), and torch's own local_response_norm's gradients in float32."""
+    x = (torch.randn(2, 7, 3, 2, dtype=torch.float64) * 30).requires_grad_(True)
+    lrn = LocalResponseNorm(size, alpha=1e-3, beta=0.75, k=2.0)
+    assert torch.autograd.gradcheck(lrn, (x,))
+    xf = (torch.randn(3, 48, 6, 6) * 50).requires_grad_(True)
+    g = torch.randn(3, 48, 6, 6)
+    lrn = LocalResponseNorm(size, alpha=1e-4, beta=0.75, k=2.0, convention="code")
+    ours = torch.autograd.grad(lrn(xf), xf, g)[0]
+    ref = torch.autograd.grad(torch.nn.functional.local_response_norm(xf, size, 1e-4, 0.75, 2.0), xf, g)[0]
+    assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-7)
+
+
 def test_lrn_bad_convention():
     with pytest.raises(ValueError, match="lrn_convention"):
         LocalResponseNorm(convention="caffe")

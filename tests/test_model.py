@@ -27,29 +27,31 @@ def _grouped_grads(model):
 @pytest.mark.parametrize("concurrency", ["sequential", "threads"])
 @pytest.mark.parametrize("layout", ["paper", "towers", "dense", "four-columns"])
 def test_equals_independent_grouped_network(layout, concurrency):
+    # float64: two correct implementations that round differently in float32 can still disagree by a
+    # whole unit's gradient where a ReLU input or a max-pooling tie sits within rounding of zero.
     torch.manual_seed(1)
     m = splitnet.SplitAlexNet(num_classes=1000, layout=layout, devices=("cpu",) * COLUMNS[layout],
-                              concurrency=concurrency).eval()
+                              concurrency=concurrency).eval().double()
     assert m.strategy == concurrency
     sd = {k: v.clone().requires_grad_(True) for k, v in m.grouped_state_dict().items()}
     target = torch.randint(0, 1000, (B,), generator=torch.Generator().manual_seed(2))
 
-    x1 = _input().requires_grad_(True)
+    x1 = _input().double().requires_grad_(True)
     logits = m(x1)
     F.cross_entropy(logits, target).backward()
 
-    x2 = _input().requires_grad_(True)
+    x2 = _input().double().requires_grad_(True)
     ref = reference_forward(sd, x2, GROUPS[layout], COLUMNS[layout])
     F.cross_entropy(ref, target).backward()
 
     assert logits.shape == (B, 1000)
-    assert rel(logits.detach(), ref.detach()) < 1e-5
-    assert rel(x1.grad, x2.grad) < 1e-5
+    assert rel(logits.detach(), ref.detach()) < 1e-10
+    assert rel(x1.grad, x2.grad) < 1e-10
     grads = _grouped_grads(m)
     assert set(grads) == set(sd)
     for key, p in sd.items():
         assert p.grad is not None and p.grad.norm() > 0, key
-        assert rel(grads[key], p.grad) < 1e-5, key
+        assert rel(grads[key], p.grad) < 1e-10, key
 
 
 def test_grouped_state_dict_keys_and_shapes_paper():

@@ -468,6 +468,28 @@ def distributed_vs_single(batch: int = 32, steps: int = 4) -> dict:
             "exchange_share": two.get("exchange_share", {})}
 
 
+# The issue's goals: (section, key, comparison, target, what it means)
+GOALS = (
+    ("cpu", "train_ratio_split_over_grouped", "<=", 1.05, "CPU: split training step over grouped"),
+    ("cpu", "train_mfu", ">=", 0.45, "CPU: model FLOP utilisation of the measured fp32 matmul peak"),
+    ("data", "cached_over_decode", ">=", 10.0, "data: cached path over decoding, per core"),
+    ("data", "one_worker_over_train_step", ">=", 3.0, "data: one worker's supply over the CPU step's use"),
+    ("cuda_bf16", "train_images_per_s_split", ">=", 15000.0, "GPU: bf16 training images/s, batches on the GPU"),
+    ("cuda_bf16", "train_ratio_split_over_grouped", "<=", 1.10, "GPU: both columns on one GPU over grouped"),
+    ("cuda_input", "device_input_over_on_device", ">=", 0.8, "GPU: training from the cache over on-GPU batches"),
+)
+
+
+def goals(res: dict) -> list:
+    """Each goal with its measured value and whether it is met (None: not measured in this run)."""
+    out = []
+    for section, key, op, target, what in GOALS:
+        value = res.get(section, {}).get(key)
+        met = None if value is None else (value <= target if op == "<=" else value >= target)
+        out.append({"goal": what, "key": f"{section}.{key}", "target": f"{op} {target:g}", "value": value, "met": met})
+    return out
+
+
 def _print(res: dict) -> None:
     for place, r in res.items():
         if not isinstance(r, dict) or "train_ratio_split_over_grouped" not in r:
@@ -498,6 +520,15 @@ def _print(res: dict) -> None:
               f"({100 * d['device_input_over_on_device']:.0f}% of {d['train_images_per_s_on_device_batches']:.0f} "
               f"img/s on batches already there), CPU input {d['train_images_per_s_cpu_input']:.0f} img/s "
               f"({100 * d['cpu_input_over_on_device']:.0f}%)")
+    _print_data(res)
+    print("\n[goals]")
+    for g in res.get("goals", []):
+        v = "not measured" if g["value"] is None else f"{g['value']:.3g}"
+        tag = {True: "met", False: "NOT MET", None: "-"}[g["met"]]
+        print(f"  {g['goal']:<62}{g['target']:>10}  {v:>12}  {tag}")
+
+
+def _print_data(res: dict) -> None:
     d = res.get("data")
     if d:
         print(f"\n[data] decode {d['decode_images_per_s_per_core']:.0f} img/s/core; cached path "
@@ -579,6 +610,7 @@ def _main(args) -> int:
         print(f"\n[distributed] batch {d['batch']}: 2 gloo ranks {d['ranks2_step_s']:.3f} s/step vs one process "
               f"{d['single_step_s']:.3f} s/step (ratio {d['ratio_ranks2_over_single']:.2f}); exchange time share: "
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in d["exchange_share"].items()))
+    res["goals"] = goals(res)
     _print(res)
     if args.out:
         out = Path(args.out)

@@ -24,14 +24,48 @@ class LocalResponseNorm(nn.Module):
         self.size, self.alpha, self.beta, self.k, self.convention = size, alpha, beta, k, convention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's local_response_norm computes (k + alpha/n * window sum)^beta: hand it alpha*n to
-        # get the paper's per-element alpha. The window is centred, zero beyond the edges: for even n
-        # torch pads n//2 before and (n-1)//2 after, i.e. j in [i - n/2, i + n/2 - 1].
-        alpha = self.alpha * self.size if self.convention == "paper" else self.alpha
-        return F.local_response_norm(x, self.size, alpha=alpha, beta=self.beta, k=self.k)
+        # The per-element coefficient of the window sum: the paper's alpha, or the code's alpha / n.
+        a = self.alpha if self.convention == "paper" else self.alpha / self.size
+        return _LRN.apply(x, self.size, a, self.beta, self.k)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, convention={self.convention}"
+
+
+def _window_sum(t: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """s[:, i] = sum of t[:, j] for j in [i - before, i + after] inside 0..C-1 (zero beyond the edges)."""
+    s = t.clone()
+    for o in range(1, before + 1):
+        s[:, o:] += t[:, :-o]
+    for o in range(1, after + 1):
+        s[:, :-o] += t[:, o:]
+    return s
+
+
+class _LRN(torch.autograd.Function):
+    """b_i = a_i d_i^-beta, d_i = k + alpha * sum_{j in N(i)} a_j^2, N(i) = [i - n//2, i + (n-1)//2] (§3.3).
+
+    Written out with its backward because torch's local_response_norm (a 3-d average pooling over a
+    padded copy, and that pooling's backward) took about a third of a CPU training step; this takes
+    about 40% less time (bench). Backward: dL/da_j = g_j d_j^-beta
+    - 2 beta alpha a_j sum_{i: j in N(i)} g_i a_i d_i^(-beta-1), the inner sum over the mirrored window.
+    Tests hold it to the formula, to torch's version (values and gradients) and to gradcheck.
+    """
+
+    @staticmethod
+    def forward(ctx, x, size: int, alpha: float, beta: float, k: float):
+        d = _window_sum(x * x, size // 2, (size - 1) // 2).mul_(alpha).add_(k)
+        dpow = d.pow(-beta)
+        ctx.save_for_backward(x, d, dpow)
+        ctx.size, ctx.alpha, ctx.beta = size, alpha, beta
+        return x * dpow
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, d, dpow = ctx.saved_tensors
+        t = _window_sum(g * x * dpow / d, (ctx.size - 1) // 2, ctx.size // 2)
+        return g * dpow - (2 * ctx.beta * ctx.alpha) * x * t, None, None, None, None
 
 
 class PaperDropout(nn.Module):
