@@ -26,3 +26,12 @@ def test_unknown_layout_is_one_clear_line(capsys):
 def test_python_dash_m():
     r = subprocess.run([sys.executable, "-m", "splitnet", "layouts", "paper"], capture_output=True, text=True)
     assert r.returncode == 0 and "conv3" in r.stdout
+
+
+def test_keep_freed_memory_takes_on_glibc_and_can_be_switched_off(monkeypatch):
+    import platform
+    from splitnet.memory import keep_freed_memory
+    if platform.libc_ver()[0] == "glibc":
+        assert keep_freed_memory() is True
+    monkeypatch.setenv("SPLITNET_MALLOC", "default")
+    assert keep_freed_memory() is False

@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .memory import keep_freed_memory
+    keep_freed_memory()  # large activations reuse freed memory instead of fresh pages every step
     try:
         return int(args.func(args) or 0)
     except _user_errors() as e:

@@ -76,11 +76,12 @@ class PackedDataset(Dataset):
         shard, row = self._index[i]
         return torch.from_numpy(np.array(self._shard(int(shard))[row])), int(self.labels[i])
 
-    def get_batch(self, indices) -> tuple:
-        """(uint8 [B, 3, S, S], int64 [B]) for the images at `indices`, in that order."""
+    def get_batch(self, indices, shared: bool = False) -> tuple:
+        """(uint8 [B, 3, S, S], int64 [B]) for the images at `indices`, in that order. shared=True: in a
+        DataLoader worker, gathered straight into shared memory (for a batch sent on as is: raw=True)."""
         idx = np.asarray(indices, dtype=np.int64)
-        # in a worker, straight into shared memory: the raw (device input) path sends this batch as is
-        images = P._output((len(idx), 3, self.image_size, self.image_size), torch.uint8)
+        shape = (len(idx), 3, self.image_size, self.image_size)
+        images = P._output(shape, torch.uint8) if shared else torch.empty(shape, dtype=torch.uint8)
         out = images.numpy()
         for j, i in enumerate(idx):
             shard, row = self._index[i]
@@ -109,7 +110,7 @@ class _Batches(Dataset):
     def __getitem__(self, k: int):
         lo = k * self.batch_size
         hi = min(lo + self.batch_size, len(self.order))
-        images, labels = self.ds.get_batch(self.order[lo:hi].numpy())
+        images, labels = self.ds.get_batch(self.order[lo:hi].numpy(), shared=self.raw)
         mean = self.ds.mean
         if self.raw:  # the device input path augments on the model's device (device_input.py)
             if not self.train:
