@@ -20,6 +20,7 @@ import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 
 
 def keep_freed_memory(limit: int = 1 << 30) -> bool:
@@ -33,7 +34,10 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, limit)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * limit))
+    # One arena: a thread's own arena grows in heaps of at most 64 MB, so its large blocks would be
+    # mmapped afresh anyway (the column threads of concurrent.py allocate from every thread).
+    return (bool(mallopt(M_MMAP_THRESHOLD, limit)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * limit))
+            and bool(mallopt(M_ARENA_MAX, 1)))
 
 
 __all__ = ["keep_freed_memory"]
