@@ -102,7 +102,15 @@ def test_columns_really_run_at_the_same_time():
 
 def test_auto_and_refusals(monkeypatch):
     m = splitnet.SplitAlexNet(10, "paper", devices="cpu")
-    assert m.concurrency == "auto" and m.strategy == "sequential"  # bench: no slower to train, faster to infer
+    assert m.concurrency == "auto"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert m.strategy == "threads"
+        torch.set_num_threads(1)  # one core: nothing to divide among the columns
+        assert m.strategy == "sequential"
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="streams.*same CUDA device"):
         splitnet.SplitAlexNet(10, "paper", devices="cpu", concurrency="streams")
     with pytest.raises(ValueError, match="conv1: LRN across columns"):

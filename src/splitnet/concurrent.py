@@ -17,7 +17,7 @@ independent, so they can run at the same time. How, depends on where they sit
   "streams"     both columns on one GPU: each column's kernels queue on its own CUDA stream, the
                 exchanges are cross-stream waits (events); backward kernels run on the stream of
                 their forward op (PyTorch's rule), so they overlap too.
-  "auto"        what `bench` measured fastest for the placement (see `choose`): sequential, so far.
+  "auto"        what `bench` measured fastest for the placement (see `choose`).
 
 Every strategy computes the same network (tests hold them equal to the sequential one and to the
 independent grouped reference).
@@ -66,11 +66,11 @@ def unsupported(model, strategy: str) -> str | None:
 def choose(model, requested: str) -> str:
     """The strategy a model runs with; "auto" is what `make bench` measured fastest for the placement.
 
-    CPU emulation (2 cores, batch 128, after the LRN rewrite): threads and sequential train equally
-    fast (5.36 vs 5.34 s per step, grouped 5.40) and sequential wins inference (1.61 vs 2.00 s), so
-    auto is sequential. (Before the LRN rewrite threads won training by 6%: they ran the slow LRN
-    backward of the two columns side by side.) One GPU: sequential until a GPU run of `bench` shows
-    streams are faster (not measured yet). Two GPUs: sequential already overlaps.
+    CPU emulation, 2 cores, batch 128 (README, Performance): threads train 4-6% faster than
+    sequential (3.64 vs 3.86 s per step, grouped 4.00) and infer as fast, so auto is threads when
+    there are at least as many intra-op threads as columns (one core each); else sequential. One GPU:
+    sequential until a GPU run of `bench` shows streams are faster (not measured yet). Two GPUs:
+    sequential, which already overlaps (launches are asynchronous).
     """
     if requested not in STRATEGIES:
         raise ValueError(f"concurrency: {requested!r} is not one of {', '.join(STRATEGIES)}")
@@ -79,6 +79,8 @@ def choose(model, requested: str) -> str:
         if why:
             raise ValueError(f"concurrency={requested!r}: {why}")
         return requested
+    if unsupported(model, "threads") is None and torch.get_num_threads() >= model.layout.columns:
+        return "threads"
     return "sequential"
 
 

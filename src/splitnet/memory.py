@@ -40,4 +40,18 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
             and bool(mallopt(M_ARENA_MAX, 1)))
 
 
-__all__ = ["keep_freed_memory"]
+def release_inherited() -> None:
+    """In a forked DataLoader worker: return the parent's free heap memory to the OS. The worker
+    inherits the training process's retained heap copy-on-write, and writing batches into it would
+    copy each page first. (One `bench` run with the retained heap saw one worker supply 370
+    images/s against about 850 before; trimming in the worker is the remedy for that suspicion.)"""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+__all__ = ["keep_freed_memory", "release_inherited"]
