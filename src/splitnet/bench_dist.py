@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    from .memory import keep_freed_memory
+    keep_freed_memory()  # as `splitnet train` does, in both the single process and every rank
     from .distributed import world_from_env
     from .runconfig import TrainConfig
 
