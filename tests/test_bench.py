@@ -78,3 +78,12 @@ def test_compiled_variants_run_and_are_reported():
     assert r["compile_backend"] == "eager"
     for name in ("split_sequential_compiled", "grouped_compiled"):
         assert r[f"train_step_s_{name}"] > 0 and r[f"infer_s_{name}"] > 0
+
+
+def test_missing_gpu_is_one_line(capsys):
+    import pytest
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", "--placements", "cuda", "--no-data"]) == 2
+    assert "placement 'cuda' asked for, but only 0 CUDA device(s)" in capsys.readouterr().err

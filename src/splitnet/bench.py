@@ -59,7 +59,7 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--reps", type=int, default=5, help="timed steps per model (after one warm-up)")
     p.add_argument("--layout", default="paper")
-    p.add_argument("--placements", nargs="*", default=None,
+    p.add_argument("--placements", nargs="*", default=None, choices=["cpu", "cuda", "cuda2"],
                    help="cpu, cuda (both columns on cuda:0), cuda2 (cuda:0 + cuda:1); default: what exists")
     p.add_argument("--no-data", action="store_true", help="skip the data path measurement")
     p.add_argument("--precisions", nargs="*", default=None, choices=list(PRECISIONS),
@@ -559,9 +559,10 @@ def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True, p
     overlaps = {}
     for place in placements:
         if place not in ("cpu", "cuda", "cuda2"):
-            raise ValueError(f"bench: unknown placement {place!r} (cpu, cuda, cuda2)")
+            raise ValueError(f"unknown placement {place!r} (cpu, cuda, cuda2)")
         if place.startswith("cuda") and ngpu < (2 if place == "cuda2" else 1):
-            raise RuntimeError(f"bench: placement {place!r} asked for, but only {ngpu} CUDA device(s) are present")
+            from .placement import DeviceError
+            raise DeviceError(f"placement {place!r} asked for, but only {ngpu} CUDA device(s) are present")
         if place == "cpu":
             res["cpu"] = compare(layout, "cpu", batch, reps, compile_backend=compile_backend)
         elif place == "cuda":
