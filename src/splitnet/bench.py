@@ -188,14 +188,14 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
         compiled = ["split_sequential_compiled", "grouped_compiled"]
     channels_last = PRECISIONS[mode][2]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, first.input_side, first.input_side) * 60
+    y = torch.randint(0, num_classes, (batch,))
     xs = {}
     for name, net in nets.items():
         net.to(memory_format=fmt)
-        dev = base if name.startswith("grouped") else devices[0]
-        xs[name] = ((torch.randn(batch, 3, first.input_side, first.input_side, generator=torch.Generator().manual_seed(1))
-                     * 60).to(dev).contiguous(memory_format=fmt),
-                    torch.randint(0, num_classes, (batch,), generator=torch.Generator().manual_seed(2)).to(
-                        base if name.startswith("grouped") else devices[first.layout.head]))
+        grouped_net = name.startswith("grouped")
+        xs[name] = (x.to(base if grouped_net else devices[0]).contiguous(memory_format=fmt),
+                    y.to(base if grouped_net else devices[first.layout.head]))
     opts = {k: torch.optim.SGD(n.parameters(), lr=1e-5, momentum=0.9) for k, n in nets.items()}
     sync = sorted(set(devices) | {base}, key=str)
     times = {f"{m}_{k}": [] for m in ("train", "infer") for k in nets}
@@ -219,13 +219,12 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
     with precision(mode, dtype_t):  # the best of a few sizes: a peak, not one size's rate
         peak = max(matmul_peak_gflops(devices[0], n=n, dtype=peak_dtype)
                    for n in ((4096, 8192) if dtype_t == "cuda" else (1024, 2048, 3072)))
-    ran = [st for st in strategies]
-    split = f"split_{default}" if default in ran else f"split_{ran[0]}"
-    best = min(ran, key=lambda st: med[f"train_split_{st}"])
+    split = f"split_{default}" if default in strategies else f"split_{strategies[0]}"
+    best = min(strategies, key=lambda st: med[f"train_split_{st}"])
     res = {
         "device": ", ".join(str(d) for d in devices), "grouped_device": str(base), "layout": layout,
         "batch": batch, "reps": reps, "precision": mode,
-        "default_strategy": split[len("split_"):], "best_strategy": best, "strategies": ran,
+        "default_strategy": split[len("split_"):], "best_strategy": best, "strategies": strategies,
         "train_step_s_split": med[f"train_{split}"], "train_step_s_grouped": med["train_grouped"],
         "train_ratio_split_over_grouped": med[f"train_{split}"] / med["train_grouped"],
         "infer_s_split": med[f"infer_{split}"], "infer_s_grouped": med["infer_grouped"],
@@ -243,7 +242,7 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
         res[f"train_ratio_{name}_over_grouped"] = med[f"train_{name}"] / med["train_grouped"]
     if compiled:
         res["compile_backend"] = compile_backend
-    for st in ran:
+    for st in strategies:
         res[f"train_step_s_split_{st}"] = med[f"train_split_{st}"]
         res[f"infer_s_split_{st}"] = med[f"infer_split_{st}"]
         res[f"train_ratio_split_{st}_over_grouped"] = med[f"train_split_{st}"] / med["train_grouped"]
@@ -339,36 +338,60 @@ def column_overlap(model, x: torch.Tensor, steps: int = 3, trace: str | None = N
     return res
 
 
-def data_path(batch: int = 128, train_images_per_s: float | None = None) -> dict:
-    """Images/s of preparation (decode) and of the cached training path, on a synthetic folder."""
+@contextlib.contextmanager
+def _synthetic_cache(per_class: int, workers: int):
+    """A temporary prepared synthetic set (10 classes x per_class training images): yields (cache
+    folder, images packed, seconds the preparation took); removed afterwards."""
     import shutil
     import tempfile
 
-    from .data import DataConfig, make_loader, make_synthetic, prepare
+    from .data import make_synthetic, prepare
 
     tmp = Path(tempfile.mkdtemp(prefix="splitnet-bench-"))
-    threads = torch.get_num_threads()
     try:
-        root = make_synthetic(tmp / "src", seed=0, classes=10, train_per_class=40, val_per_class=1, workers=1)
+        root = make_synthetic(tmp / "src", seed=0, classes=10, train_per_class=per_class, val_per_class=1,
+                              workers=workers)
         t0 = time.perf_counter()
-        report = prepare(root, tmp / "cache", workers=1, progress=False)
-        decode = sum(sp["packed"] for sp in report["splits"].values()) / (time.perf_counter() - t0)
+        report = prepare(root, tmp / "cache", workers=workers, progress=False)
+        packed = sum(sp["packed"] for sp in report["splits"].values())
+        yield tmp / "cache", packed, time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rate(batches, step=None, devices=()) -> float:
+    """Images/s over `batches` ((x, y) pairs, each passed to `step` if given); the first batch is not
+    timed (worker start-up, page cache); `devices` are synchronised before each clock reading."""
+    n, t0 = 0, None
+    for x, y in batches:
+        if t0 is None:
+            for d in devices:
+                _sync(d)
+            t0 = time.perf_counter()
+            continue
+        if step is not None:
+            step(x, y)
+        n += len(x)
+    for d in devices:
+        _sync(d)
+    return n / (time.perf_counter() - t0) if n else 0.0
+
+
+def data_path(batch: int = 128, train_images_per_s: float | None = None) -> dict:
+    """Images/s of preparation (decode) and of the cached training path, on a synthetic folder."""
+    from .data import DataConfig, make_loader
+
+    threads = torch.get_num_threads()
+    with _synthetic_cache(per_class=40, workers=1) as (cache, packed, seconds):
+        decode = packed / seconds
         cfg = DataConfig()
         torch.set_num_threads(1)
-        rates = {}
-        for workers in (0, 1):
-            n, t0 = 0, None
-            for epoch in range(3):
-                for x, _ in make_loader(tmp / "cache", "train", min(batch, 400), seed=0, epoch=epoch,
-                                        train=True, workers=workers, cfg=cfg):
-                    if t0 is None:  # skip the first batch: worker start-up, page cache
-                        t0 = time.perf_counter()
-                        continue
-                    n += len(x)
-            rates[workers] = n / (time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            rates = {workers: _rate(x for epoch in range(3) for x in make_loader(
+                cache, "train", min(batch, 400), seed=0, epoch=epoch, train=True, workers=workers, cfg=cfg))
+                for workers in (0, 1)}
+        finally:
+            torch.set_num_threads(threads)
     out = {"decode_images_per_s_per_core": decode, "cached_images_per_s_per_core": rates[0],
            "one_worker_images_per_s": rates[1], "cached_over_decode": rates[0] / decode}
     if train_images_per_s:
@@ -385,25 +408,27 @@ def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: i
     subtracts the mean on the device one batch ahead (data/device_input.py). "cpu" path: the workers
     do all of it and send float32 crops. Synthetic 256x256 images, 10 classes x `per_class`.
     """
-    import shutil
-    import tempfile
-
-    from .data import DataConfig, DeviceBatches, make_loader, make_synthetic, prepare
+    from .data import DataConfig, DeviceBatches, make_loader
     from .model import SplitAlexNet
 
     dev = torch.device(device)
     workers = workers if workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
-    tmp = Path(tempfile.mkdtemp(prefix="splitnet-binput-"))
-    try:
-        root = make_synthetic(tmp / "src", seed=0, classes=10, train_per_class=per_class, val_per_class=1,
-                              workers=workers)
-        prepare(root, tmp / "cache", workers=workers, progress=False)
+    with _synthetic_cache(per_class, workers) as (cache, _, _):
         torch.manual_seed(0)
         model = SplitAlexNet(10, devices=dev)
         opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
         head = model.devices[model.layout.head]
         cfg = DataConfig(workers=workers)
         sync = sorted(set(model.devices), key=str)
+
+        def epoch_batches(epoch: int, on_device: bool):
+            loader = make_loader(cache, "train", batch, seed=0, epoch=epoch, train=True, cfg=cfg,
+                                 pin_memory=dev.type == "cuda", raw=on_device)
+            return DeviceBatches(loader, dev, head, cfg) if on_device else loader
+
+        def step(xb, yb):
+            _train_step(model, opt, xb.to(dev, non_blocking=True), yb.to(head, non_blocking=True))
+
         with precision(mode, dev.type):
             x = torch.randn(batch, 3, 224, 224, device=dev) * 60
             y = torch.randint(0, 10, (batch,), device=head)
@@ -411,27 +436,8 @@ def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: i
                 _train_step(model, opt, x, y)
             steps = 10
             on_device = _timed(lambda: [_train_step(model, opt, x, y) for _ in range(steps)], sync) / steps
-            rates = {}
-            for path in ("device", "cpu"):
-                n, t0 = 0, None
-                for epoch in range(epochs):
-                    loader = make_loader(tmp / "cache", "train", batch, seed=0, epoch=epoch, train=True, cfg=cfg,
-                                         pin_memory=dev.type == "cuda", raw=path == "device")
-                    if path == "device":
-                        loader = DeviceBatches(loader, dev, head, cfg)
-                    for xb, yb in loader:
-                        if t0 is None:  # the first batch waits for the workers to start
-                            for d in sync:
-                                _sync(d)
-                            t0 = time.perf_counter()
-                            continue
-                        _train_step(model, opt, xb.to(dev, non_blocking=True), yb.to(head, non_blocking=True))
-                        n += len(xb)
-                for d in sync:
-                    _sync(d)
-                rates[path] = n / (time.perf_counter() - t0) if n else 0.0
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            rates = {path: _rate((b for e in range(epochs) for b in epoch_batches(e, path == "device")), step, sync)
+                     for path in ("device", "cpu")}
     on_dev_ips = batch / on_device
     return {"device": str(dev), "precision": mode, "batch": batch, "workers": workers,
             "images": 10 * per_class, "epochs": epochs,

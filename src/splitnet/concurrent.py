@@ -155,7 +155,7 @@ def _segment_inputs(model, seg, prev: list) -> list:
 
 def threads_forward(model, x: torch.Tensor) -> torch.Tensor:
     """Logits of `model` on padded input x, columns in worker threads (see the module docstring)."""
-    params = [p for p in model.columns.parameters()]
+    params = list(model.columns.parameters())
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return _ThreadedColumns.apply(model, x, *params)
     out, _ = _forward(model, x, tape=False)
@@ -295,12 +295,7 @@ def streams_forward(model, x: torch.Tensor) -> torch.Tensor:
                     h = model.exchange.gather(row.name, prev, [c])[c]
                 else:
                     h = prev[c]
-                with torch.profiler.record_function(f"splitnet.column{c}"):
-                    for r in seg:
-                        h = model.columns[c].layer(r, h) if r.widths[c] > 0 else None
-                        if h is None:
-                            break
-                outs[c] = h
+                outs[c] = _run_column(model, c, seg, h, leaf=False)[1]
         prev = outs
     out = prev[model.layout.head]
     main.wait_stream(streams[model.layout.head])

@@ -23,15 +23,22 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 
 
+def _libc_function(name: str):
+    """The C library's function `name` on Linux, None elsewhere or where the library lacks it (musl
+    has no mallopt)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory(limit: int = 1 << 30) -> bool:
     """Serve allocations up to `limit` bytes from the heap and keep up to 2 x limit of freed memory.
     Returns whether the allocator took the settings (False off glibc, or when switched off)."""
-    if os.environ.get("SPLITNET_MALLOC", "") == "default" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    mallopt = None if os.environ.get("SPLITNET_MALLOC", "") == "default" else _libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # One arena: a thread's own arena grows in heaps of at most 64 MB, so its large blocks would be
@@ -40,18 +47,4 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
             and bool(mallopt(M_ARENA_MAX, 1)))
 
 
-def release_inherited() -> None:
-    """In a forked DataLoader worker: return the parent's free heap memory to the OS. The worker
-    inherits the training process's retained heap copy-on-write, and writing batches into it would
-    copy each page first. (One `bench` run with the retained heap saw one worker supply 370
-    images/s against about 850 before; trimming in the worker is the remedy for that suspicion.)"""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-__all__ = ["keep_freed_memory", "release_inherited"]
+__all__ = ["keep_freed_memory"]

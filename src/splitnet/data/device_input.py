@@ -38,7 +38,6 @@ class DeviceBatches:
         self.dataset = ds
         self.mean = ds.mean.to(self.device)
         self.eigvals, self.eigvecs = ds.eigvals, ds.eigvecs
-        self.num_batches, self.start_batch = loader.num_batches, loader.start_batch
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -124,11 +124,6 @@ class _Batches(Dataset):
         return x.contiguous(), labels
 
 
-def _worker_init(worker_id: int) -> None:
-    from ..memory import release_inherited
-    release_inherited()
-
-
 class BatchLoader:
     """Iterable of (float32 images, int64 labels) for one epoch, from batch `start_batch` on.
 
@@ -139,7 +134,7 @@ class BatchLoader:
     def __init__(self, batches: _Batches, start_batch: int, workers: int, pin_memory: bool):
         self.dataset, self.start_batch, self.num_batches = batches.ds, start_batch, batches.n_batches
         self._loader = DataLoader(batches, batch_size=None, sampler=range(start_batch, batches.n_batches),
-                                  num_workers=workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
+                                  num_workers=workers, pin_memory=pin_memory,
                                   prefetch_factor=2 if workers else None)
 
     def __len__(self) -> int:
