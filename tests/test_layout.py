@@ -33,14 +33,14 @@ def test_paper_per_layer_params():
 def test_macs_equal_a_count_by_hooks(name):
     """Multiply-adds per image from the table == counted on the running model's conv/linear calls."""
     m = splitnet.SplitAlexNet(num_classes=1000, layout=name, devices="cpu").eval()
-    total = [0]
+    counts = []  # appended to, not summed in place: the hooks run in the columns' threads at once
 
     def hook(mod, inp, out):
         if isinstance(mod, torch.nn.Conv2d):
             k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
-            total[0] += out[0].numel() * k
+            counts.append(out[0].numel() * k)
         else:
-            total[0] += out[0].numel() * mod.in_features
+            counts.append(out[0].numel() * mod.in_features)
 
     hs = [mod.register_forward_hook(hook) for mod in m.modules()
           if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))]
@@ -48,7 +48,7 @@ def test_macs_equal_a_count_by_hooks(name):
         m(torch.zeros(1, 3, 224, 224))
     for h in hs:
         h.remove()
-    assert get_layout(name).macs_per_image() == total[0]
+    assert get_layout(name).macs_per_image() == sum(counts)
 
 
 def test_paper_macs_about_0724_g():

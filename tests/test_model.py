@@ -140,16 +140,16 @@ def test_layer_output_shapes_match_the_table():
 def test_neurons_before_pooling_match_the_paper():
     """Fig. 2 caption (with its first figure corrected: 55*55*96 = 290,400)."""
     m = splitnet.SplitAlexNet(num_classes=1000, devices=("cpu", "cpu")).eval()
-    counts = {}
+    seen = []  # appended to (atomic), not read-modify-written: the hooks run in the columns' threads
     hooks = [getattr(col, row.name).register_forward_hook(
-        lambda mod, i, o, n=row.name: counts.__setitem__(n, counts.get(n, 0) + o[0].numel()))
+        lambda mod, i, o, n=row.name: seen.append((n, o[0].numel())))
         for col in m.columns for row in m.layout.rows if hasattr(col, row.name)]
     with torch.no_grad():
         m(_input())
     for h in hooks:
         h.remove()
     names = [r.name for r in m.layout.rows]
-    measured = tuple(counts[n] for n in names)
+    measured = tuple(sum(k for n2, k in seen if n2 == n) for n in names)
     assert measured == (290400, 186624, 64896, 64896, 43264, 4096, 4096, 1000)
     assert m.layout.neurons() == measured
 
