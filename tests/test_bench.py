@@ -40,7 +40,7 @@ def test_busy_overlap_against_hand_computed_intervals():
 def test_precision_modes_restore_flags_and_autocast():
     import pytest
     import torch
-    from splitnet.bench import precision
+    from splitnet.precision import precision
     before = torch.backends.cuda.matmul.allow_tf32
     with precision("bf16", "cpu"):
         assert torch.is_autocast_enabled("cpu") and torch.backends.cuda.matmul.allow_tf32

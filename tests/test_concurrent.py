@@ -126,7 +126,7 @@ def test_auto_and_refusals(monkeypatch):
 
 def test_fast_paths_equal_the_grouped_network_bf16_and_channels_last():
     """bf16 autocast (carried into the column threads) to bf16 tolerance; channels_last exactly as fp32."""
-    from splitnet.bench import precision
+    from splitnet.precision import precision
     from splitnet.grouped import GroupedAlexNet
     _, thr = _pair()
     g = GroupedAlexNet(thr.config)

@@ -34,3 +34,10 @@ def test_roundtrip():
     c = from_dict(ModelConfig, {"lrn": False, "init_bias": 0.1, "init_bias_layers": ["fc6"]})
     assert from_dict(ModelConfig, to_dict(c)) == c
     assert c.init_bias_layers == ("fc6",)
+
+
+def test_bad_precision_names_it():
+    from splitnet.runconfig import TrainConfig, load_config
+    assert TrainConfig().precision == "fp32"  # the paper's arithmetic unless asked
+    with pytest.raises(ConfigError, match="precision: 'fp16' is not one of fp32, tf32, bf16, bf16_cl"):
+        load_config(None, ['precision="fp16"'])

@@ -62,7 +62,7 @@ def _train_grads(m, x, y):
 def test_fast_paths_on_one_gpu_match_the_cpu(mode, tol):
     """Both columns on cuda:0, sequential and on two CUDA streams, in each numeric mode the benchmark
     times: logits and every gradient against the CPU model (fp32), to that mode's tolerance."""
-    from splitnet.bench import PRECISIONS, precision
+    from splitnet.precision import PRECISIONS, precision
     torch.manual_seed(0)
     cpu = splitnet.SplitAlexNet(num_classes=10, devices="cpu", concurrency="sequential").eval()
     x = torch.randn(8, 3, 224, 224) * 60
@@ -100,3 +100,27 @@ def test_device_input_batches_equal_the_cpu_loader(tmp_path):
     assert len(got) == len(ref) == 3
     for (x, y), (rx, ry) in zip(got, ref):
         assert x.is_cuda and torch.equal(x.cpu(), rx) and torch.equal(y.cpu(), ry)
+
+
+@pytest.mark.skipif(ngpu < 1, reason="needs a CUDA device")
+def test_training_on_one_gpu_calibrates_and_tracks_the_cpu(tmp_path):
+    """A run with both columns on cuda:0 times sequential against streams before its first step
+    (tune.py), trains in bf16 + channels_last from the device input path, and follows the CPU fp32
+    run's losses to bf16 accuracy."""
+    import json
+    from splitnet.data import ensure_cache, make_synthetic
+    from splitnet.runconfig import load_config
+    from splitnet.train import read_metrics, train
+    root = make_synthetic(tmp_path / "syn", seed=1, classes=4, train_per_class=8, val_per_class=2)
+    cache = ensure_cache(root, tmp_path / "home")
+    losses = {}
+    for name, sets in (("cpu", ['devices=["cpu", "cpu"]']),
+                       ("gpu", ['devices=["cuda:0", "cuda:0"]', 'precision="bf16_cl"'])):
+        base = [f'data.root="{cache}"', "batch_size=8", "data.workers=1", "max_steps=3", "eval_batch_size=8"]
+        out = tmp_path / name
+        train(load_config(None, base + sets), out, progress=False)
+        losses[name] = [m["loss"] for m in read_metrics(out) if m["kind"] == "train"]
+    info = json.loads((tmp_path / "gpu" / "run.json").read_text())
+    assert set(info["concurrency"]["calibration_step_s"]) == {"sequential", "streams"}
+    assert info["concurrency"]["strategy"] in ("sequential", "streams")
+    assert all(abs(a - b) < 0.05 * b for a, b in zip(losses["gpu"], losses["cpu"])), losses

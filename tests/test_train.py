@@ -95,6 +95,38 @@ def test_device_input_path_trains_the_same_run(tiny_cache, straight_run, tmp_pat
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def test_evaluation_on_the_device_path_equals_the_cpu_path(tiny_cache, straight_run):
+    """Validation patches cut by DeviceBatches (centre and ten patches) give the same errors and
+    probabilities as the workers' float batches."""
+    from splitnet.config import replace
+    from splitnet.data import PackedDataset
+    from splitnet.train import evaluate_split
+    model, cfg, _ = ckpt.model_from_checkpoint(ckpt.load(straight_run / "checkpoint.pt"), devices="cpu")
+    ds = PackedDataset(tiny_cache, "val")
+    for ten in (False, True):
+        got = [evaluate_split(model, tiny_cache, ds, replace(cfg, input_device=where), ten=ten)
+               for where in ("device", "cpu")]
+        assert got[0] == got[1] and 0 <= got[0]["val_top5_err"] <= got[0]["val_top1_err"] <= 1, got
+
+
+def test_bf16_channels_last_run_tracks_fp32_and_resumes(tiny_cache, straight_run, tmp_path):
+    """precision="bf16_cl" (the GPU fast path; autocast runs on the CPU too): the losses follow the
+    fp32 run's to bf16 accuracy without being equal (autocast is on), the checkpoint holds float32
+    weights, and the run resumes."""
+    out = tmp_path / "run"
+    train(load_config(SMOKE, _sets(tiny_cache, "max_steps=3", 'precision="bf16_cl"')), out, progress=False)
+    ref = _losses(straight_run)[:3]
+    got = _losses(out)
+    assert got != ref
+    assert all(abs(a - b) < 0.02 * b for a, b in zip(got, ref)), (got, ref)
+    ck = ckpt.load(out / "checkpoint.pt")
+    assert all(t.dtype == torch.float32 for t in ck["model"].values())
+    info = json.loads((out / "run.json").read_text())
+    assert info["precision"] == "bf16_cl" and info["concurrency"]["strategy"] in ("threads", "sequential")
+    s = train(out=out, resume=True, sets=["max_steps=5"], progress=False)
+    assert s["step"] == 5 and len(_losses(out)) == 5 and all(l == l for l in _losses(out))
+
+
 def test_device_batches_match_the_cpu_loader(tiny_cache):
     from splitnet.data import DataConfig, DeviceBatches, make_loader
     for train_mode, ten, workers in ((True, False, 0), (True, False, 1), (False, False, 0), (False, True, 1)):

@@ -13,7 +13,9 @@ Keys of each section:
                                   backward, SGD update) at --batch; "split" is the default strategy
   train_step_s_split_<strategy>   the same per concurrency strategy timed (concurrent.py): threads and
                                   sequential on the CPU, sequential and streams on one GPU
-  default_strategy, best_strategy what "auto" picks there, and what was fastest in this run
+  default_strategy, best_strategy what "auto" picks there (CPU: the rule in concurrent.choose; one GPU:
+                                  the faster, as training's calibration, tune.py, picks), and what
+                                  was fastest in this run
   train_ratio_split_over_grouped  the default's cost over the grouped network's (goal <= 1.05 on the
                                   CPU, <= 1.10 on one GPU); train_ratio_split_<strategy>_over_grouped
   infer_ratio_split_over_grouped  the same for an eval-mode forward pass without grad
@@ -51,6 +53,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .precision import PRECISIONS, precision
 
 
 def register(sub) -> None:
@@ -109,30 +113,6 @@ def _timed(fn, devices) -> float:
     for d in devices:
         _sync(d)
     return time.perf_counter() - t0
-
-
-# Numeric modes: (TF32 allowed, autocast dtype or None, channels_last)
-PRECISIONS = {
-    "fp32": (False, None, False),
-    "tf32": (True, None, False),
-    "bf16": (True, torch.bfloat16, False),
-    "bf16_cl": (True, torch.bfloat16, True),
-}
-
-
-@contextlib.contextmanager
-def precision(mode: str, device_type: str):
-    """TF32 switches (process-wide torch flags, restored after) and bf16 autocast for one mode."""
-    if mode not in PRECISIONS:
-        raise ValueError(f"precision: {mode!r} is not one of {', '.join(PRECISIONS)}")
-    tf32, dtype, _ = PRECISIONS[mode]
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def strategies_for(devices) -> list:
@@ -219,8 +199,10 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
     with precision(mode, dtype_t):  # the best of a few sizes: a peak, not one size's rate
         peak = max(matmul_peak_gflops(devices[0], n=n, dtype=peak_dtype)
                    for n in ((4096, 8192) if dtype_t == "cuda" else (1024, 2048, 3072)))
-    split = f"split_{default}" if default in strategies else f"split_{strategies[0]}"
     best = min(strategies, key=lambda st: med[f"train_split_{st}"])
+    if dtype_t == "cuda" and len(strategies) > 1:
+        default = best  # a training run times the candidates on a GPU and keeps the faster (tune.py)
+    split = f"split_{default}" if default in strategies else f"split_{strategies[0]}"
     res = {
         "device": ", ".join(str(d) for d in devices), "grouped_device": str(base), "layout": layout,
         "batch": batch, "reps": reps, "precision": mode,

@@ -13,11 +13,14 @@ independent, so they can run at the same time. How, depends on where they sit
                 among them (2 cores: one each), forward *and* backward of each segment in the column's
                 thread. The autograd engine runs all CPU backward work in the thread that called
                 backward(), so the whole net is wrapped in one autograd Function whose backward
-                replays the segments in reverse, again one thread per column.
+                replays the segments in reverse, again one thread per column. Module hooks run
+                in the column's thread, at the same time as the other column's: a hook that
+                updates shared state must be thread-safe (append to a list, or take a lock).
   "streams"     both columns on one GPU: each column's kernels queue on its own CUDA stream, the
                 exchanges are cross-stream waits (events); backward kernels run on the stream of
                 their forward op (PyTorch's rule), so they overlap too.
-  "auto"        what `bench` measured fastest for the placement (see `choose`).
+  "auto"        what `bench` measured fastest for the placement (see `choose`), or, once
+                tune.calibrate has timed the candidates on the model's own placement, the fastest.
 
 Every strategy computes the same network (tests hold them equal to the sequential one and to the
 independent grouped reference).
@@ -70,7 +73,8 @@ def choose(model, requested: str) -> str:
     sequential (3.64 vs 3.86 s per step, grouped 4.00) and infer as fast, so auto is threads when
     there are at least as many intra-op threads as columns (one core each); else sequential. One GPU:
     sequential until a GPU run of `bench` shows streams are faster (not measured yet). Two GPUs:
-    sequential, which already overlaps (launches are asynchronous).
+    sequential, which already overlaps (launches are asynchronous). Once tune.calibrate has timed
+    the candidates on this model's placement (training does so on a GPU), auto is the fastest.
     """
     if requested not in STRATEGIES:
         raise ValueError(f"concurrency: {requested!r} is not one of {', '.join(STRATEGIES)}")
@@ -79,9 +83,23 @@ def choose(model, requested: str) -> str:
         if why:
             raise ValueError(f"concurrency={requested!r}: {why}")
         return requested
+    tuned = getattr(model, "tuned_strategy", None)
+    if tuned is not None and unsupported(model, tuned) is None:
+        return tuned  # measured on this model's placement (tune.py)
+    return _rule(model)
+
+
+def _rule(model) -> str:
     if unsupported(model, "threads") is None and torch.get_num_threads() >= model.layout.columns:
         return "threads"
     return "sequential"
+
+
+def candidates(model) -> list:
+    """The strategies that can run `model` where it is placed, the rule's choice first: what
+    tune.calibrate times to settle "auto"."""
+    first = _rule(model)
+    return [first] + [s for s in STRATEGIES[1:] if s not in (first, "threads") and unsupported(model, s) is None]
 
 
 # ---- threads (CPU) ---------------------------------------------------------------------------
@@ -303,4 +321,4 @@ def streams_forward(model, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["STRATEGIES", "segments", "choose", "unsupported", "threads_forward", "streams_forward"]
+__all__ = ["STRATEGIES", "segments", "choose", "candidates", "unsupported", "threads_forward", "streams_forward"]

@@ -133,8 +133,8 @@ def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
 
 def replace(cfg, **changes):
     """dataclasses.replace with the same key checking as from_dict."""
-    merged = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    merged.update(changes)
+    merged = to_dict(cfg)  # nested configs (TrainConfig's model, data, optim) as tables
+    merged.update({k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in changes.items()})
     return from_dict(type(cfg), merged)
 
 

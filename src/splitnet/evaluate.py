@@ -11,12 +11,15 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def predict_probs(model, batches, max_batches: int = 0):
+def predict_probs(model, batches, max_batches: int = 0, mode: str = "fp32"):
     """(probabilities [N, C] float32 CPU, labels [N] int64) over `batches` of (x, y).
 
     x: [B, 3, S, S] (one patch) or [B, P, 3, S, S] (P patches per image: their probabilities are
-    averaged). The model is put in eval mode (paper dropout: outputs x0.5).
+    averaged). The model is put in eval mode (paper dropout: outputs x0.5). mode: the numeric mode
+    of the forward pass (precision.py; a run evaluates in the mode it trains in).
     """
+    from .precision import autocast, memory_format, tf32
+    fmt = memory_format(mode)
     was_training = model.training
     model.eval()
     dev = model.devices[model.local[0]] if hasattr(model, "devices") else next(model.parameters()).device
@@ -27,7 +30,8 @@ def predict_probs(model, batches, max_batches: int = 0):
                 break
             patches = x.shape[1] if x.dim() == 5 else 1
             flat = x.flatten(0, 1) if x.dim() == 5 else x
-            logits = model(flat.to(dev, non_blocking=True))
+            with tf32(mode), autocast(mode, dev.type):
+                logits = model(flat.to(dev, non_blocking=True).contiguous(memory_format=fmt))
             if logits is None:  # a rank without the head column (distributed): it only takes part
                 continue
             p = F.softmax(logits.float(), dim=1)
@@ -90,8 +94,8 @@ def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64
     """Rows {model, patches, top1_err, top5_err, images}: each checkpoint, then their ensemble."""
     from . import checkpoint as ckpt
     from .config import replace
-    from .data import PackedDataset, make_loader
-    from .train import resolve_data
+    from .data import PackedDataset
+    from .train import eval_batches, resolve_data
 
     rows, probs = [], {1: [], 10: []}
     labels = None
@@ -108,9 +112,9 @@ def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64
         if ds.classes != classes:
             raise ValueError(f"{cache}: classes differ from those {path} was trained on")
         for patches in ((1, 10) if ten else (1,)):
-            loader = make_loader(cache, split, batch_size, 0, 0, train=False, cfg=dcfg, dataset=ds,
-                                 ten_patches=patches == 10)
-            p, y = predict_probs(model, loader)
+            # In the mode and on the input path the run trained with (its config).
+            loader = eval_batches(model, cache, split, batch_size, replace(cfg, data=dcfg), ds, patches == 10)
+            p, y = predict_probs(model, loader, mode=cfg.precision)
             labels = y
             probs[patches].append(p)
             rows.append(dict(model=str(path), patches=patches, images=len(y), **topk_errors(p, y)))

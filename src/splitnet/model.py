@@ -151,6 +151,7 @@ class SplitAlexNet(nn.Module):
             self.columns[c].to(self.devices[c])
         self.exchange = LocalExchange(self.devices)
         self.concurrency = concurrency
+        self.tuned_strategy = None  # what tune.calibrate measured fastest here ("auto" then uses it)
         _concurrent.choose(self, concurrency)  # a bad or impossible request fails here, naming why
 
     @property

@@ -72,6 +72,9 @@ class TrainConfig:
     # workers), "device" (the model's first device, from the uint8 cache: data/device_input.py), or
     # "auto" (device on a GPU, cpu otherwise). The batches are bitwise the same either way.
     input_device: str = "auto"
+    # numeric mode of the forward pass (precision.py): "fp32" (the paper's), "tf32", "bf16" (autocast;
+    # weights, update and loss stay float32) or "bf16_cl" (bf16 + channels_last); the GPU fast path
+    precision: str = "fp32"
     dist_timeout_s: float = 300.0  # under torchrun: a collective waiting longer (a dead or hung rank) fails
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -84,6 +87,9 @@ class TrainConfig:
         from .concurrent import STRATEGIES
         if self.concurrency not in STRATEGIES:
             raise ConfigError(f"concurrency: {self.concurrency!r} is not one of {', '.join(STRATEGIES)}")
+        from .precision import PRECISIONS
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.input_device not in ("auto", "cpu", "device"):
             raise ConfigError(f"input_device: {self.input_device!r} is not 'auto', 'cpu' or 'device'")
         for key in ("max_steps", "checkpoint_every", "eval_max_batches", "threads"):

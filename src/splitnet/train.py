@@ -30,8 +30,10 @@ from .data import DataConfig, DeviceBatches, PackedDataset, ensure_cache, make_l
 from .data.rng import derive_seed
 from .evaluate import predict_probs, topk_errors
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
+from .precision import autocast, memory_format, tf32
 from .runconfig import TrainConfig, dump_toml, load_config
 from .runtime import make_runtime
+from .tune import calibrate, worth_calibrating
 
 log = logging.getLogger("splitnet")
 
@@ -234,6 +236,9 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
     classes = train_ds.classes
     torch.manual_seed(cfg.seed)  # the init
     model = rt.build_model(cfg, len(classes))
+    fmt = memory_format(cfg.precision)
+    if fmt == torch.channels_last:  # bf16_cl: conv weights NHWC (parameters keep their identity)
+        model.to(memory_format=fmt)
     opt = PaperSGD(param_groups(model, cfg.optim.weight_decay, cfg.optim.bias_decay),
                    lr=cfg.optim.lr, momentum=cfg.optim.momentum)
     sched = _schedule(cfg)
@@ -253,6 +258,13 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
         log.info("train: %s has no checkpoint yet; starting from step 0", out)
         Metrics.truncate_to(out / "metrics.jsonl", 0, 0)
     mesh = rt.mesh
+    concurrency = {"requested": cfg.concurrency}
+    if mesh is None and worth_calibrating(model):  # a GPU: time the candidates once (tune.py)
+        tuned = calibrate(model, cfg.batch_size, mode=cfg.precision)
+        concurrency["calibration_step_s"] = tuned["step_s"]
+        log.info("train: concurrency auto -> %s (one training pass: %s)", tuned["strategy"], ", ".join(
+            f"{k} {1000 * v:.1f} ms" for k, v in tuned["step_s"].items()))
+    concurrency["strategy"] = model.strategy
     if main:
         (out / "run.json").write_text(json.dumps({
             "commit": git_commit(),
@@ -261,6 +273,7 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
             "data": data_desc, "cache": str(cache), "classes": classes, "train_images": len(train_ds),
             "val_images": len(val_ds) if val_ds is not None else 0, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "layout": model.layout.name,
+            "precision": cfg.precision, "concurrency": concurrency,
             "exchange_bytes_per_image": model.layout.exchange_bytes_per_image(),
             "params": model.layout.params(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
 
@@ -290,11 +303,11 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
 
     in_dev = model.devices[model.local[0]]
     head_dev = model.devices[model.layout.head]
-    on_device = cfg.input_device == "device" or (cfg.input_device == "auto" and in_dev.type == "cuda")
+    on_device = _input_on_device(cfg, model)
     status, t_start = "finished", time.time()
     last_eval = {}
     try:
-        with _Stop() as stop:
+        with _Stop() as stop, tf32(cfg.precision):
             while state["epoch"] < cfg.epochs and status == "finished":
                 e = state["epoch"]
                 loader = make_loader(cache, "train", cfg.batch_size, cfg.seed, e, train=True,
@@ -322,13 +335,14 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
                     t0 = time.time()
                     global_batch = len(x)
                     x, y, offset = rt.share(x, y)
-                    x = x.to(in_dev, non_blocking=True)
+                    x = x.to(in_dev, non_blocking=True).contiguous(memory_format=fmt)
                     y = y.to(head_dev, non_blocking=True)
                     # Dropout masks from (seed, step): identical on every placement and after a resume.
                     model.set_dropout_stream(derive_seed(cfg.seed, STREAM_DROPOUT, state["step"]),
                                              global_batch, offset)
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y) if logits is not None else None
+                    with autocast(cfg.precision, in_dev.type):  # forward and loss; backward follows
+                        logits = model(x)
+                        loss = F.cross_entropy(logits.float(), y) if logits is not None else None
                     opt.zero_grad(set_to_none=True)
                     rt.backward(model, loss)
                     rt.sync_grads(model)
@@ -403,15 +417,34 @@ def _has_split(cache, split: str) -> bool:
         return False
 
 
+def _input_on_device(cfg: TrainConfig, model) -> bool:
+    """Whether batches are finished on the model's first device (input_device; data/device_input.py)."""
+    dev = model.devices[model.local[0]]
+    return cfg.input_device == "device" or (cfg.input_device == "auto" and dev.type == "cuda")
+
+
+def eval_batches(model, cache, split: str, batch_size: int, cfg: TrainConfig, ds=None, ten: bool = False):
+    """Evaluation batches (centre or ten patches) of `split` for `model`, cut on the device where
+    the run's training input is (input_device): the same batches either way."""
+    dev = model.devices[model.local[0]]
+    on_device = _input_on_device(cfg, model)
+    loader = make_loader(cache, split, batch_size, cfg.seed, 0, train=False, cfg=cfg.data, dataset=ds,
+                         ten_patches=ten, raw=on_device, pin_memory=dev.type == "cuda")
+    if on_device:
+        loader = DeviceBatches(loader, dev, model.devices[model.layout.head], cfg.data, train=False,
+                               ten_patches=ten)
+    return loader
+
+
 def evaluate_split(model, cache, ds, cfg: TrainConfig, rt=None, ten: bool = False) -> dict:
     """Centre-patch (or ten-patch) top-1/top-5 error on the validation split (every rank takes part
-    under torchrun; the head column of replica 0 reports)."""
-    loader = make_loader(cache, "val", cfg.eval_batch_size, cfg.seed, 0, train=False, cfg=cfg.data,
-                         dataset=ds, ten_patches=ten)
+    under torchrun; the head column of replica 0 reports). The patches are cut on the device where
+    the training input is (input_device): the same batches either way."""
+    loader = eval_batches(model, cache, "val", cfg.eval_batch_size, cfg, ds, ten)
     # The DataLoader draws a base seed from the global RNG: fork it, so that evaluating (or not, at a
     # stop) leaves the global RNG where it was.
     with torch.random.fork_rng(devices=[]):
-        probs, labels = predict_probs(model, loader, cfg.eval_max_batches)
+        probs, labels = predict_probs(model, loader, cfg.eval_max_batches, cfg.precision)
     errs = None if probs is None else {f"val_{k}": v for k, v in topk_errors(probs, labels).items()}
     return errs if rt is None else rt.eval_result(errs)
 

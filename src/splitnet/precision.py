@@ -1,0 +1,70 @@
+"""Numeric modes for training, evaluation and the benchmark on GPUs (the paper trained in fp32, §5).
+
+  fp32     plain float32 (the default: the paper's arithmetic).
+  tf32     float32 tensors, TF32 tensor-core matmuls and convolutions (Ampere and later GPUs).
+  bf16     TF32 plus bfloat16 autocast: convolutions and fc layers in bf16, weights, SGD update and
+           loss in float32 (torch.autocast keeps the reductions that need it in float32).
+  bf16_cl  bf16 with the conv weights and the input in channels_last (NHWC) memory format, which
+           the tensor-core convolution kernels prefer.
+
+On the CPU the TF32 switches do nothing; bf16 autocast runs (slowly on CPUs without bf16 units):
+the tests use it to check the bf16 path's correctness, not its speed.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+# mode: (TF32 allowed, autocast dtype or None, channels_last)
+PRECISIONS = {
+    "fp32": (False, None, False),
+    "tf32": (True, None, False),
+    "bf16": (True, torch.bfloat16, False),
+    "bf16_cl": (True, torch.bfloat16, True),
+}
+
+
+def check(mode: str) -> str:
+    if mode not in PRECISIONS:
+        raise ValueError(f"precision: {mode!r} is not one of {', '.join(PRECISIONS)}")
+    return mode
+
+
+def autocast_dtype(mode: str):
+    """The autocast dtype of `mode` (None: no autocast)."""
+    return PRECISIONS[check(mode)][1]
+
+
+def memory_format(mode: str) -> torch.memory_format:
+    return torch.channels_last if PRECISIONS[check(mode)][2] else torch.contiguous_format
+
+
+@contextlib.contextmanager
+def tf32(mode: str):
+    """The TF32 switches of `mode` (process-wide torch flags, restored after). They govern the
+    backward pass too, so a training run holds them for the whole run."""
+    allow = PRECISIONS[check(mode)][0]
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def autocast(mode: str, device_type: str):
+    """torch.autocast for `mode` (disabled unless bf16): around the forward pass and the loss only;
+    backward follows the forward's dtypes by itself."""
+    dtype = autocast_dtype(mode)
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+@contextlib.contextmanager
+def precision(mode: str, device_type: str):
+    """Both: TF32 switches and autocast for one mode (the benchmark times whole steps inside it)."""
+    with tf32(mode), autocast(mode, device_type):
+        yield
+
+
+__all__ = ["PRECISIONS", "precision", "tf32", "autocast", "memory_format", "autocast_dtype", "check"]
