@@ -69,12 +69,12 @@ def unsupported(model, strategy: str) -> str | None:
 def choose(model, requested: str) -> str:
     """The strategy a model runs with; "auto" is what `make bench` measured fastest for the placement.
 
-    CPU emulation, 2 cores, batch 128 (README, Performance): threads train 4-6% faster than
-    sequential (3.64 vs 3.86 s per step, grouped 4.00) and infer as fast, so auto is threads when
-    there are at least as many intra-op threads as columns (one core each); else sequential. One GPU:
-    sequential until a GPU run of `bench` shows streams are faster (not measured yet). Two GPUs:
-    sequential, which already overlaps (launches are asynchronous). Once tune.calibrate has timed
-    the candidates on this model's placement (training does so on a GPU), auto is the fastest.
+    CPU emulation, 2 cores, batch 128 (README, Performance): threads train from 4% faster (3.66 vs
+    3.79 s per step) to 1% slower (3.87 vs 3.85 s) than sequential, run to run, and infer as fast,
+    so auto is threads when there are at least as many intra-op threads as columns (one core each);
+    else sequential. GPUs: sequential (on two GPUs it already overlaps: launches are asynchronous)
+    until tune.calibrate has timed the candidates on the model's placement (training does so on a
+    GPU: sequential against streams on one GPU); then auto is the faster.
     """
     if requested not in STRATEGIES:
         raise ValueError(f"concurrency: {requested!r} is not one of {', '.join(STRATEGIES)}")
