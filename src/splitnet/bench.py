@@ -342,24 +342,31 @@ def _synthetic_cache(per_class: int, workers: int):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _rate(batches, step=None, devices=()) -> float:
-    """Images/s over `batches` ((x, y) pairs, each passed to `step` if given); the first batch is not
-    timed (worker start-up, page cache); `devices` are synchronised before each clock reading."""
-    n, seconds = _count(batches, step, devices)
+def _rate(epochs, step=None, devices=(), skip: int = 1) -> float:
+    """Images/s over `epochs` (iterables of (x, y) batches, each batch passed to `step` if given).
+    A DataLoader starts its worker processes at every epoch, a cost a real run pays once per
+    thousands of batches: in each epoch the clock starts after the first `skip` batches (the
+    workers' first batches). `devices` are synchronised before each clock reading."""
+    n = seconds = 0
+    for batches in epochs:
+        k, t = _count(batches, step, devices, skip)
+        n, seconds = n + k, seconds + t
     return n / seconds if n else 0.0
 
 
-def _count(batches, step=None, devices=()) -> tuple:
-    """(images, seconds) of `_rate`."""
+def _count(batches, step, devices, skip: int) -> tuple:
+    """(images, seconds) after the first `skip` batches of one epoch."""
     n, t0 = 0, None
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
+        if step is not None:
+            step(x, y)
+        if i + 1 < skip:
+            continue
         if t0 is None:
             for d in devices:
                 _sync(d)
             t0 = time.perf_counter()
             continue
-        if step is not None:
-            step(x, y)
         n += len(x)
     for d in devices:
         _sync(d)
@@ -376,13 +383,9 @@ def data_path(batch: int = 128, train_images_per_s: float | None = None) -> dict
         cfg = DataConfig()
         torch.set_num_threads(1)
         try:
-            rates = {}
-            for workers in (0, 1):
-                # A DataLoader starts its worker process at each epoch, paid once per thousands of
-                # batches in a real run: each epoch's first batch is not timed (4 batches here).
-                counts = [_count(make_loader(cache, "train", min(batch, 600), seed=0, epoch=epoch, train=True,
-                                             workers=workers, cfg=cfg)) for epoch in range(3)]
-                rates[workers] = sum(n for n, _ in counts) / sum(t for _, t in counts)
+            rates = {workers: _rate(make_loader(cache, "train", min(batch, 600), seed=0, epoch=epoch, train=True,
+                                                workers=workers, cfg=cfg) for epoch in range(3))
+                     for workers in (0, 1)}  # 4 batches an epoch, the first untimed
         finally:
             torch.set_num_threads(threads)
     out = {"decode_images_per_s_per_core": decode, "cached_images_per_s_per_core": rates[0],
@@ -394,12 +397,13 @@ def data_path(batch: int = 128, train_images_per_s: float | None = None) -> dict
 
 
 def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: int | None = None,
-               per_class: int = 100, epochs: int = 2) -> dict:
+               per_class: int = 600, epochs: int = 1) -> dict:
     """Training images/s fed from the uint8 cache against training on one batch already on the device.
 
     "device" path: DataLoader workers gather uint8 images, DeviceBatches crops, mirrors, lights and
     subtracts the mean on the device one batch ahead (data/device_input.py). "cpu" path: the workers
-    do all of it and send float32 crops. Synthetic 256x256 images, 10 classes x `per_class`.
+    do all of it and send float32 crops. Synthetic 256x256 images, 10 classes x `per_class` (the
+    default: 46 batches of 128, a few hundred milliseconds of a fast GPU's training).
     """
     from .data import DataConfig, DeviceBatches, make_loader
     from .model import SplitAlexNet
@@ -429,8 +433,9 @@ def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: i
                 _train_step(model, opt, x, y)
             steps = 10
             on_device = _timed(lambda: [_train_step(model, opt, x, y) for _ in range(steps)], sync) / steps
-            rates = {path: _rate((b for e in range(epochs) for b in epoch_batches(e, path == "device")), step, sync)
-                     for path in ("device", "cpu")}
+            # Each worker's first batch of an epoch carries its start-up: untimed.
+            rates = {path: _rate((epoch_batches(e, path == "device") for e in range(epochs)), step, sync,
+                                 skip=workers) for path in ("device", "cpu")}
     on_dev_ips = batch / on_device
     return {"device": str(dev), "precision": mode, "batch": batch, "workers": workers,
             "images": 10 * per_class, "epochs": epochs,
