@@ -56,7 +56,9 @@ def test_run_directory_contents(straight_run):
     recs = read_metrics(straight_run)
     train_recs = [r for r in recs if r["kind"] == "train"]
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
-    assert all({"step", "epoch", "loss", "lr"} <= set(r) for r in train_recs)
+    assert all({"step", "epoch", "loss", "lr", "step_s", "time"} <= set(r) for r in train_recs)
+    times = [r["time"] for r in train_recs]
+    assert times == sorted(times) and times[-1] - times[0] >= sum(r["step_s"] for r in train_recs[1:])
     ev = [r for r in recs if r["kind"] == "eval"]
     assert ev and {"val_top1_err", "val_top5_err"} <= set(ev[-1])
     # The resolved config is what load_config reads back.

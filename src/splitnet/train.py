@@ -360,8 +360,10 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
                     state["batch"] += 1
                     dt = time.time() - t0
                     lr = opt.param_groups[0]["lr"]
+                    # step_s: this step's compute (batch in hand to update done); time: the wall
+                    # clock, whose differences also count the waits for data (bench.input_path)
                     write(kind="train", step=state["step"], epoch=e, batch=state["batch"], loss=lv,
-                          train_top1_err=err, lr=lr, step_s=dt, images_per_s=global_batch / dt)
+                          train_top1_err=err, lr=lr, step_s=dt, images_per_s=global_batch / dt, time=time.time())
                     bar.update(state["step"], e, lv, lr, global_batch / dt)
                     if why:  # every rank agrees on why (runtime.agree)
                         status = why
