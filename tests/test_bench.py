@@ -63,7 +63,7 @@ def test_distributed_bench_tiny():
 def test_input_path_bench_tiny():
     """The cache-fed training measurement runs both input paths end to end (here on the CPU)."""
     from splitnet.bench import input_path
-    r = input_path("cpu", batch=4, mode="fp32", workers=1, per_class=3, epochs=2)
+    r = input_path("cpu", batch=4, mode="fp32", workers=1, per_class=3, epochs=1)
     for key in ("train_images_per_s_on_device_batches", "train_images_per_s_device_input",
                 "train_images_per_s_cpu_input", "train_loop_images_per_s"):
         assert r[key] > 0, key
