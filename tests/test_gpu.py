@@ -62,7 +62,7 @@ def _train_grads(m, x, y):
 def test_fast_paths_on_one_gpu_match_the_cpu(mode, tol):
     """Both columns on cuda:0, sequential and on two CUDA streams, in each numeric mode the benchmark
     times: logits and every gradient against the CPU model (fp32), to that mode's tolerance."""
-    from splitnet.precision import PRECISIONS, precision
+    from splitnet.precision import memory_format, precision
     torch.manual_seed(0)
     cpu = splitnet.SplitAlexNet(num_classes=10, devices="cpu", concurrency="sequential").eval()
     x = torch.randn(8, 3, 224, 224) * 60
@@ -71,7 +71,7 @@ def test_fast_paths_on_one_gpu_match_the_cpu(mode, tol):
     for strategy in ("sequential", "streams"):
         m = splitnet.SplitAlexNet(num_classes=10, devices="cuda:0", concurrency=strategy).eval()
         m.load_state_dict(cpu.state_dict())
-        fmt = torch.channels_last if PRECISIONS[mode][2] else torch.contiguous_format
+        fmt = memory_format(mode)
         m.to(memory_format=fmt)
         with precision(mode, "cuda"):
             logits, grads = _train_grads(m, x.cuda().contiguous(memory_format=fmt), y.cuda())

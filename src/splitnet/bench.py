@@ -57,7 +57,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .precision import PRECISIONS, precision
+from .placement import synchronize
+from .precision import PRECISIONS, autocast_dtype, memory_format, precision
 
 
 def register(sub) -> None:
@@ -80,24 +81,19 @@ def register(sub) -> None:
     p.set_defaults(func=_main)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_peak_gflops(device: torch.device, n: int = 2048, seconds: float = 1.0,
                        dtype=torch.float32) -> float:
     """Best sustained n x n matmul rate: the yardstick for model FLOP utilisation."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    _sync(device)
+    synchronize([device])
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t0 = time.perf_counter()
         for _ in range(4):
             a @ b
-        _sync(device)
+        synchronize([device])
         best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -109,12 +105,10 @@ def _train_step(net, opt, x, y):
 
 
 def _timed(fn, devices) -> float:
-    for d in devices:
-        _sync(d)
+    synchronize(devices)
     t0 = time.perf_counter()
     fn()
-    for d in devices:
-        _sync(d)
+    synchronize(devices)
     return time.perf_counter() - t0
 
 
@@ -169,8 +163,7 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
         nets["split_sequential_compiled"] = torch.compile(seq, backend=compile_backend)
         nets["grouped_compiled"] = torch.compile(g2, backend=compile_backend)
         compiled = ["split_sequential_compiled", "grouped_compiled"]
-    channels_last = PRECISIONS[mode][2]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = memory_format(mode)
     x = torch.randn(batch, 3, first.input_side, first.input_side) * 60
     y = torch.randint(0, num_classes, (batch,))
     xs = {}
@@ -198,7 +191,7 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
                     times[f"infer_{name}"].append(_timed(lambda: net(xs[name][0]), sync))
     med = {k: statistics.median(v) for k, v in times.items()}
     macs = get_layout(layout, num_classes).macs_per_image()
-    peak_dtype = torch.bfloat16 if PRECISIONS[mode][1] is not None else torch.float32
+    peak_dtype = autocast_dtype(mode) or torch.float32
     with precision(mode, dtype_t):  # the best of a few sizes: a peak, not one size's rate
         peak = max(matmul_peak_gflops(devices[0], n=n, dtype=peak_dtype)
                    for n in ((4096, 8192) if dtype_t == "cuda" else (1024, 2048, 3072)))
@@ -281,8 +274,7 @@ def column_overlap(model, x: torch.Tensor, steps: int = 3, trace: str | None = N
     def step():
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
-        for d in set(model.devices):
-            _sync(d)
+        synchronize(model.devices)
 
     step()  # warm-up outside the trace
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -365,13 +357,11 @@ def _count(batches, step, devices, skip: int) -> tuple:
         if i + 1 < skip:
             continue
         if t0 is None:
-            for d in devices:
-                _sync(d)
+            synchronize(devices)
             t0 = time.perf_counter()
             continue
         n += len(x)
-    for d in devices:
-        _sync(d)
+    synchronize(devices)
     return n, (time.perf_counter() - t0 if t0 is not None else 0.0)
 
 
@@ -600,7 +590,7 @@ def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True, p
         if place == "cpu":
             res["cpu"] = compare(layout, "cpu", batch, reps, compile_backend=compile_backend)
         elif place == "cuda":
-            for mode in precisions or ("fp32", "tf32", "bf16", "bf16_cl"):
+            for mode in precisions or tuple(PRECISIONS):
                 res["cuda" if mode == "fp32" else f"cuda_{mode}"] = compare(layout, "cuda:0", batch, reps, mode=mode,
                                                                            compile_backend=compile_backend)
         else:

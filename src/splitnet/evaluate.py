@@ -95,7 +95,7 @@ def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64
     from . import checkpoint as ckpt
     from .config import replace
     from .data import PackedDataset
-    from .train import eval_batches, resolve_data
+    from .train import input_batches, resolve_data
 
     rows, probs = [], {1: [], 10: []}
     labels = None
@@ -113,7 +113,7 @@ def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64
             raise ValueError(f"{cache}: classes differ from those {path} was trained on")
         for patches in ((1, 10) if ten else (1,)):
             # In the mode and on the input path the run trained with (its config).
-            loader = eval_batches(model, cache, split, batch_size, replace(cfg, data=dcfg), ds, patches == 10)
+            loader = input_batches(model, cache, split, batch_size, replace(cfg, data=dcfg), ds, ten=patches == 10)
             p, y = predict_probs(model, loader, mode=cfg.precision)
             labels = y
             probs[patches].append(p)

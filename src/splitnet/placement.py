@@ -18,6 +18,14 @@ class DeviceError(RuntimeError):
     """A requested device does not exist or cannot be used."""
 
 
+def synchronize(devices) -> None:
+    """Wait until the queued work of every CUDA device among `devices` is done (CPU work is
+    synchronous): before and after a timed region."""
+    for d in set(devices):
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
+
+
 def check_device(dev: torch.device, column: int) -> torch.device:
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0

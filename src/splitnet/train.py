@@ -303,18 +303,14 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
 
     in_dev = model.devices[model.local[0]]
     head_dev = model.devices[model.layout.head]
-    on_device = _input_on_device(cfg, model)
     status, t_start = "finished", time.time()
     last_eval = {}
     try:
         with _Stop() as stop, tf32(cfg.precision):
             while state["epoch"] < cfg.epochs and status == "finished":
                 e = state["epoch"]
-                loader = make_loader(cache, "train", cfg.batch_size, cfg.seed, e, train=True,
-                                     start_batch=state["batch"], cfg=cfg.data, dataset=train_ds,
-                                     pin_memory=in_dev.type == "cuda", raw=on_device)
-                if on_device:  # uint8 batches finished on the model's device, one ahead
-                    loader = DeviceBatches(loader, in_dev, head_dev, cfg.data)
+                loader = input_batches(model, cache, "train", cfg.batch_size, cfg, train_ds, epoch=e,
+                                       train=True, start_batch=state["batch"])
                 # Creating the iterator draws a base seed from the global RNG: fork it, so nothing
                 # depends on where in an epoch a run was resumed.
                 with torch.random.fork_rng(devices=[]):
@@ -425,15 +421,18 @@ def _input_on_device(cfg: TrainConfig, model) -> bool:
     return cfg.input_device == "device" or (cfg.input_device == "auto" and dev.type == "cuda")
 
 
-def eval_batches(model, cache, split: str, batch_size: int, cfg: TrainConfig, ds=None, ten: bool = False):
-    """Evaluation batches (centre or ten patches) of `split` for `model`, cut on the device where
-    the run's training input is (input_device): the same batches either way."""
+def input_batches(model, cache, split: str, batch_size: int, cfg: TrainConfig, ds=None, epoch: int = 0,
+                  train: bool = False, start_batch: int = 0, ten: bool = False):
+    """The batches of `split` for `model`: training (epoch `epoch` from batch `start_batch`) or
+    evaluation (centre or ten patches), finished where the run's input_device says: by the
+    workers, or on the model's first device from the uint8 cache, one batch ahead. The same batches
+    either way."""
     dev = model.devices[model.local[0]]
     on_device = _input_on_device(cfg, model)
-    loader = make_loader(cache, split, batch_size, cfg.seed, 0, train=False, cfg=cfg.data, dataset=ds,
-                         ten_patches=ten, raw=on_device, pin_memory=dev.type == "cuda")
+    loader = make_loader(cache, split, batch_size, cfg.seed, epoch, train=train, start_batch=start_batch,
+                         cfg=cfg.data, dataset=ds, ten_patches=ten, raw=on_device, pin_memory=dev.type == "cuda")
     if on_device:
-        loader = DeviceBatches(loader, dev, model.devices[model.layout.head], cfg.data, train=False,
+        loader = DeviceBatches(loader, dev, model.devices[model.layout.head], cfg.data, train=train,
                                ten_patches=ten)
     return loader
 
@@ -442,7 +441,7 @@ def evaluate_split(model, cache, ds, cfg: TrainConfig, rt=None, ten: bool = Fals
     """Centre-patch (or ten-patch) top-1/top-5 error on the validation split (every rank takes part
     under torchrun; the head column of replica 0 reports). The patches are cut on the device where
     the training input is (input_device): the same batches either way."""
-    loader = eval_batches(model, cache, "val", cfg.eval_batch_size, cfg, ds, ten)
+    loader = input_batches(model, cache, "val", cfg.eval_batch_size, cfg, ds, ten=ten)
     # The DataLoader draws a base seed from the global RNG: fork it, so that evaluating (or not, at a
     # stop) leaves the global RNG where it was.
     with torch.random.fork_rng(devices=[]):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .concurrent import candidates
+from .placement import synchronize
 from .precision import autocast, memory_format, tf32
 
 
@@ -26,12 +27,6 @@ def worth_calibrating(model) -> bool:
     """Training calibrates "auto" where no measured rule exists: a GPU placement with a choice."""
     return model.concurrency == "auto" and any(d.type == "cuda" for d in model.devices) and \
         len(candidates(model)) > 1
-
-
-def _sync(model) -> None:
-    for d in set(model.devices):
-        if d.type == "cuda":
-            torch.cuda.synchronize(d)
 
 
 def calibrate(model, batch: int, steps: int = 3, strategies=None, mode: str = "fp32") -> dict:
@@ -59,12 +54,12 @@ def calibrate(model, batch: int, steps: int = 3, strategies=None, mode: str = "f
             for rnd in range(steps + 1):
                 for s in cands:
                     model.concurrency = s
-                    _sync(model)
+                    synchronize(model.devices)
                     t0 = time.perf_counter()
                     with autocast(mode, dev.type):  # as train.py steps
                         loss = F.cross_entropy(model(x).float(), y)
                     torch.autograd.grad(loss, params)
-                    _sync(model)
+                    synchronize(model.devices)
                     if rnd:  # round 0 warms up (cudnn's algorithm search, the allocator, threads)
                         best[s] = min(best[s], time.perf_counter() - t0)
     finally:
