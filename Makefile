@@ -24,7 +24,7 @@ PYTHON := $(VENV)/bin/python
 ENV_STAMP := $(VENV)/.installed
 endif
 
-.PHONY: env test bench reproduce ablations clean
+.PHONY: env test bench reproduce ablations cifar clean
 
 env: $(ENV_STAMP)
 
@@ -50,6 +50,15 @@ ABL_OUT ?= runs/ablations
 SEEDS ?= 1
 ablations: $(ENV_STAMP)
 	$(PYTHON) -m splitnet ablate --out $(ABL_OUT) --seeds $(SEEDS) $(if $(DATA),--data $(DATA),)
+
+# make cifar DATA=/path/to/cifar-10-python.tar.gz [CIFAR_OUT=runs/cifar] [CIFAR_SEEDS=2] [JOBS=2]:
+# the ablations at CIFAR-10 scale (experiments/cifar.toml) and Figure 1 on the full training set.
+CIFAR_OUT ?= runs/cifar
+CIFAR_SEEDS ?= 2
+JOBS ?= 2
+cifar: $(ENV_STAMP)
+	@test -n "$(DATA)" || { echo "make cifar: set DATA=/path/to/cifar-10-python.tar.gz (or a folder train/<class>/*, val/<class>/*)" >&2; exit 2; }
+	$(PYTHON) -m splitnet ablate --suite cifar --data $(DATA) --out $(CIFAR_OUT) --seeds $(CIFAR_SEEDS) --jobs $(JOBS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -23,10 +23,11 @@ def lrn_per_group(a, groups):
     return torch.cat([lrn_formula(p) for p in a.chunk(groups, 1)], 1)
 
 
-def reference_forward(sd, x, groups, lrn_groups, pad=(0, 3, 0, 3)):
-    """groups: conv groups per conv layer; lrn_groups: number of columns (LRN never crosses them)."""
+def reference_forward(sd, x, groups, lrn_groups, pad=(0, 3, 0, 3), conv1=(4, 0)):
+    """groups: conv groups per conv layer; lrn_groups: number of columns (LRN never crosses them);
+    conv1: its (stride, padding): (4, 0) after the 3-pixel pad at the paper's scale, (1, 2) at CIFAR's."""
     x = F.pad(x, pad)
-    x = F.relu(F.conv2d(x, sd["conv1.weight"], sd["conv1.bias"], stride=4))
+    x = F.relu(F.conv2d(x, sd["conv1.weight"], sd["conv1.bias"], stride=conv1[0], padding=conv1[1]))
     x = F.max_pool2d(lrn_per_group(x, lrn_groups), 3, 2)
     x = F.relu(F.conv2d(x, sd["conv2.weight"], sd["conv2.bias"], padding=2, groups=groups["conv2"]))
     x = F.max_pool2d(lrn_per_group(x, lrn_groups), 3, 2)

@@ -101,7 +101,7 @@ def test_epochs_to_counts_epochs_until_the_target():
     torch.manual_seed(0)
     x = torch.randn(64, 3, 16, 16)
     y = (x[:, 0].mean((1, 2)) > 0).long()  # learnable from the red channel's mean
-    res = epochs_to(x, y, 2, "relu", 0.05, target=0.2, max_epochs=30, batch=16)
+    res = epochs_to(x, y, 2, "relu", 0.05, target=0.2, max_epochs=30, batch=16, init="torch", measure="full")
     assert res["epochs"] == len(res["curve"]) and res["curve"][-1] <= 0.2
     assert all(c > 0.2 for c in res["curve"][:-1])
-    assert FourLayerCNN("tanh", 2, 16)(x[:2]).shape == (2, 2)
+    assert FourLayerCNN("tanh", 2, 16)(x[:2]).shape == (2, 2) and FourLayerCNN("relu", 2, 16, "torch")(x[:2]).shape == (2, 2)

@@ -11,6 +11,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .layout import GEOMETRIES
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the offending key."""
@@ -26,6 +28,9 @@ class ModelConfig:
 
     layout: str = "paper"
     num_classes: int = 1000
+    # The scale of the network (layout.GEOMETRIES): "imagenet" is the paper's (224 crops, 11x11/4 conv1,
+    # paper widths); "cifar" the same family on 32x32 images (24 crops, 5x5 conv1, narrower layers).
+    geometry: str = "imagenet"
     # Input geometry for conv1 (paper-spec §1): "pad3" = 224 crops with cuda-convnet's 3-pixel
     # right/bottom zero pad (the original), "caffe227" = 227 crops, no pad, "torchvision" = 224 with
     # a symmetric pad of 2. All three give 55x55 conv1 maps.
@@ -50,6 +55,9 @@ class ModelConfig:
     init_std: float = 0.01  # §5: every weight ~ N(0, 0.01^2)
     init_bias: float = 1.0  # §5: bias 1 in conv2, conv4, conv5, fc6, fc7 (Caffe later used 0.1)
     init_bias_layers: tuple = ("conv2", "conv4", "conv5", "fc6", "fc7")
+    # "geometry": init_std times layout.init_gain_factors (1.0 everywhere at the imagenet geometry; at
+    # another scale, each layer keeps the paper network's gain std*sqrt(fan-in)). "none": init_std as is.
+    init_scaling: str = "geometry"
 
     def __post_init__(self):
         _choice(self, "input_mode", ("pad3", "caffe227", "torchvision"))
@@ -57,6 +65,11 @@ class ModelConfig:
         _choice(self, "lrn_convention", ("paper", "code"))
         _choice(self, "dropout_mode", ("paper", "inverted"))
         _choice(self, "lrn_scope", ("column", "all"))
+        _choice(self, "init_scaling", ("geometry", "none"))
+        _choice(self, "geometry", tuple(GEOMETRIES))
+        if self.geometry != "imagenet" and self.input_mode != "pad3":
+            raise ConfigError(f"input_mode: {self.input_mode!r} applies to the imagenet geometry only "
+                              f"(geometry {self.geometry!r} has no conv1 input padding)")
         if len(self.pool) != 2 or any((not isinstance(v, int)) or v < 1 for v in self.pool):
             raise ConfigError(f"pool: expected [window, stride] (positive integers), got {list(self.pool)}")
         if not 0.0 <= self.dropout < 1.0:

@@ -14,7 +14,7 @@ from torch import nn
 from .config import ModelConfig
 from .convert import grouped_shapes
 from .layers import LocalResponseNorm, PaperDropout, activation
-from .model import INPUT_MODES, model_layout
+from .model import input_spec, model_layout
 
 
 class GroupedAlexNet(nn.Module):
@@ -45,7 +45,7 @@ class GroupedAlexNet(nn.Module):
         self.lrn = (LocalResponseNorm(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k, cfg.lrn_convention)
                     if cfg.lrn else None)
         self.drop = PaperDropout(cfg.dropout, cfg.dropout_mode)
-        self.pad, self.input_side = INPUT_MODES[cfg.input_mode]
+        self.pad, self.input_side = input_spec(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, self.pad) if any(self.pad) else x

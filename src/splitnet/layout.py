@@ -11,6 +11,7 @@ multiply-adds per image, and forward exchange bytes per image per layer.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
@@ -25,6 +26,44 @@ _KERNELS = {"conv1": (11, 4, 0), "conv2": (5, 1, 2), "conv3": (3, 1, 1), "conv4"
 # Effective conv1 input side: a 224 crop plus cuda-convnet's 3-pixel right/bottom pad (or a 227
 # Caffe crop): 1 + (227 - 11) / 4 = 55.
 IMAGE_SIDE = 227
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a layout's rows take from the scale of the input: total widths per layer (both columns),
+    (kernel, stride, pad) per conv layer, and conv1's input side. Everything else in a row (which
+    layers cross, LRN, pooling, dropout, activations) is the layout's, the same at every scale."""
+
+    name: str
+    widths: dict
+    kernels: dict
+    image_side: int
+    crop: int  # the crop the data pipeline cuts (before any conv1 input padding)
+    image_size: int  # the side of the prepared images the crop is cut from
+
+
+# The paper's network (§3.5, Figure 2): 224 crops of 256x256 images.
+IMAGENET = Geometry("imagenet", PAPER_WIDTHS, _KERNELS, IMAGE_SIDE, crop=224, image_size=256)
+# The same network family on CIFAR-10's 32x32 images (the paper's Figure 1 data set). Only sizes change:
+# 24x24 crops of the 32x32 images (the original code's CIFAR-10 nets, cuda-convnet layers-*pct, cropped
+# 24 of 32); conv1 5x5/1 (an 11x11/4 filter on 24 pixels would leave 4x4 maps), conv2 5x5, conv3-5
+# 3x3, every max pool 3/2, giving per column 24 -> pool1 11 -> pool2 5 -> pool5 2 (the paper: 55 -> 27
+# -> 13 -> 6). Total widths 32-64-128-128-64 and 512-512: a third of the paper's in conv1, conv3 and
+# conv4, a quarter in conv2 and conv5, an eighth in fc6 and fc7, so that a 2-core CPU trains it at
+# about 1,000 images/s (9.5 M multiply-adds per image, 1.3% of the paper's).
+CIFAR = Geometry("cifar", {"conv1": 32, "conv2": 64, "conv3": 128, "conv4": 128, "conv5": 64,
+                           "fc6": 512, "fc7": 512},
+                 {"conv1": (5, 1, 2), "conv2": (5, 1, 2), "conv3": (3, 1, 1), "conv4": (3, 1, 1),
+                  "conv5": (3, 1, 1)}, image_side=24, crop=24, image_size=32)
+GEOMETRIES = {g.name: g for g in (IMAGENET, CIFAR)}
+
+
+def get_geometry(name) -> Geometry:
+    if isinstance(name, Geometry):
+        return name
+    if name not in GEOMETRIES:
+        raise LayoutError(f"unknown geometry {name!r}; known: {', '.join(GEOMETRIES)}")
+    return GEOMETRIES[name]
 
 
 class LayoutError(ValueError):
@@ -80,6 +119,7 @@ class Layout:
     name: str
     rows: tuple
     image_side: int = IMAGE_SIDE
+    geometry: str = "imagenet"  # the scale its widths and kernels come from (GEOMETRIES)
     _stats: tuple = field(default=(), repr=False, compare=False)
 
     def __post_init__(self):
@@ -275,7 +315,8 @@ def _numel(shape) -> int:
 def make_layout(name: str = "custom", columns: int = 2, cross: Iterable[str] = PAPER_CROSS,
                 num_classes: int = 1000, head: int = 0, widths: dict | None = None,
                 pool: tuple | None = (3, 2), lrn_layers: Sequence[str] = ("conv1", "conv2"),
-                dropout_layers: Sequence[str] = ("fc6", "fc7"), omit: Sequence[str] = ()) -> Layout:
+                dropout_layers: Sequence[str] = ("fc6", "fc7"), omit: Sequence[str] = (),
+                geometry="imagenet") -> Layout:
     """The paper's table with the knobs the ablations turn.
 
     columns: how many columns share every layer (the paper's widths divided evenly; §3.2 uses 2).
@@ -284,14 +325,16 @@ def make_layout(name: str = "custom", columns: int = 2, cross: Iterable[str] = P
     head: the column that computes fc8 (the original 2012 code used GPU 1, cuda-convnet2 GPU 0).
     pool: (window, stride) of the three max-pooling layers; (3, 2) overlaps (§3.4), (2, 2) does not.
     omit: middle layers to remove (§7: "removing any middle layer ... about 2% worse").
+    geometry: the scale, "imagenet" (the paper's) or "cifar" (GEOMETRIES): widths, kernels, input side.
     """
+    geo = get_geometry(geometry)
     cross = tuple(cross)
     for n in (*cross, *lrn_layers, *dropout_layers, *omit, *(widths or {})):
         if n not in LAYER_NAMES:
             raise LayoutError(f"unknown layer {n!r} (the paper's layers are {', '.join(LAYER_NAMES)})")
     if not 0 <= head < columns:
         raise LayoutError(f"layer fc8: head column {head} does not exist in a {columns}-column layout")
-    totals = dict(PAPER_WIDTHS)
+    totals = dict(geo.widths)
     rows = []
     for n in LAYER_NAMES:
         if n in omit:
@@ -311,12 +354,12 @@ def make_layout(name: str = "custom", columns: int = 2, cross: Iterable[str] = P
             raise LayoutError(f"width mismatch: layer {n} gives {len(spec)} column widths for "
                               f"{columns} columns")
         kind = "fc" if n.startswith("fc") else "conv"
-        k, s, p = _KERNELS.get(n, (1, 1, 0))
+        k, s, p = geo.kernels.get(n, (1, 1, 0))
         rows.append(LayerRow(
             name=n, kind=kind, widths=per, kernel=k, stride=s, pad=p,
             cross=(n in cross and n != "conv1"), act=(n != "fc8"), lrn=(n in lrn_layers),
             pool=(pool if n in ("conv1", "conv2", "conv5") else None), dropout=(n in dropout_layers)))
-    return Layout(name=name, rows=tuple(rows))
+    return Layout(name=name, rows=tuple(rows), image_side=geo.image_side, geometry=geo.name)
 
 
 def with_rows(layout: Layout, name: str | None = None, **changes_by_layer) -> Layout:
@@ -327,7 +370,8 @@ def with_rows(layout: Layout, name: str | None = None, **changes_by_layer) -> La
         rows.append(replace(r, **ch) if ch else r)
     if changes_by_layer:
         raise LayoutError(f"unknown layer {next(iter(changes_by_layer))!r} in layout {layout.name!r}")
-    return Layout(name=name or layout.name, rows=tuple(rows), image_side=layout.image_side)
+    return Layout(name=name or layout.name, rows=tuple(rows), image_side=layout.image_side,
+                  geometry=layout.geometry)
 
 
 def apply_model_options(layout: Layout, pool=(3, 2), cross_add=(), cross_remove=(), lrn_scope="column") -> Layout:
@@ -361,25 +405,28 @@ def apply_model_options(layout: Layout, pool=(3, 2), cross_add=(), cross_remove=
     return with_rows(layout, f"{layout.name}[{','.join(tags)}]", **changes)
 
 
-def _builtin(num_classes: int) -> dict:
-    half = {n: w // 2 for n, w in PAPER_WIDTHS.items()}
+def _builtin(num_classes: int, geometry="imagenet") -> dict:
+    geo = get_geometry(geometry)
+    half = {n: w // 2 for n, w in geo.widths.items()}
+
+    def make(name, columns, cross, **kw):
+        return lambda: make_layout(name, columns, cross, num_classes, geometry=geo, **kw)
+
     return {
         # §3.2: two columns meeting at conv3 and the fully connected layers; fc8 on one column.
-        "paper": lambda: make_layout("paper", 2, PAPER_CROSS, num_classes),
+        "paper": make("paper", 2, PAPER_CROSS),
         # A dense network split over two devices: every layer reads both columns.
-        "dense": lambda: make_layout("dense", 2, LAYER_NAMES[1:], num_classes),
+        "dense": make("dense", 2, LAYER_NAMES[1:]),
         # Two independent conv towers that first meet at fc6.
-        "towers": lambda: make_layout("towers", 2, ("fc6", "fc7", "fc8"), num_classes),
+        "towers": make("towers", 2, ("fc6", "fc7", "fc8")),
         # Footnote 2: the one-GPU comparison net, half the kernels in conv1..conv4, but full-size
         # conv5 and fully connected layers ("to make the two nets have approximately the same
         # number of parameters").
-        "one-gpu": lambda: make_layout("one-gpu", 1, (), num_classes, widths={
-            "conv1": half["conv1"], "conv2": half["conv2"], "conv3": half["conv3"],
-            "conv4": half["conv4"]}),
+        "one-gpu": make("one-gpu", 1, (), widths={n: half[n] for n in ("conv1", "conv2", "conv3", "conv4")}),
         # The dense network on one device.
-        "one-column": lambda: make_layout("one-column", 1, (), num_classes),
+        "one-column": make("one-column", 1, ()),
         # The paper's crossings with the widths divided over four columns.
-        "four-columns": lambda: make_layout("four-columns", 4, PAPER_CROSS, num_classes),
+        "four-columns": make("four-columns", 4, PAPER_CROSS),
     }
 
 
@@ -388,14 +435,39 @@ def layouts() -> list:
     return list(_builtin(1000))
 
 
-def get_layout(name, num_classes: int = 1000) -> Layout:
-    """A built-in layout by name (see `layouts()`), or a Layout passed through after checking classes."""
+def get_layout(name, num_classes: int = 1000, geometry="imagenet") -> Layout:
+    """A built-in layout by name (see `layouts()`) at `geometry`, or a Layout passed through after
+    checking its classes and geometry."""
     if isinstance(name, Layout):
         if name.num_classes != num_classes:
             raise LayoutError(f"layer fc8: layout {name.name!r} has {name.num_classes} outputs, "
                               f"the model asks for {num_classes} classes")
+        if name.geometry != get_geometry(geometry).name:
+            raise LayoutError(f"layout {name.name!r} is built at geometry {name.geometry!r}, "
+                              f"the model asks for {get_geometry(geometry).name!r}")
         return name
-    table = _builtin(num_classes)
+    table = _builtin(num_classes, geometry)
     if name not in table:
         raise LayoutError(f"unknown layout {name!r}; built-in layouts: {', '.join(table)}")
     return table[name]()
+
+
+def fan_in(layout: Layout, name: str) -> int:
+    """Inputs per output unit of layer `name` on its first computing column (kernel area x channels
+    for a conv layer, features for an fc layer)."""
+    for r, st in zip(layout.rows, layout.stats()):
+        if r.name == name:
+            c = next(i for i, w in enumerate(r.widths) if w)
+            return st.in_widths[c] * (r.kernel * r.kernel if r.kind == "conv" else 1)
+    raise LayoutError(f"layout {layout.name!r} has no layer {name!r}")
+
+
+def init_gain_factors(geometry, num_classes: int = 1000) -> dict:
+    """Per layer, sqrt(F_paper / F_geometry), F the layer's fan-in in the paper layout at the paper's
+    scale and at `geometry`. Multiplying the paper's init std (0.01, §5) by it gives every layer of the
+    paper layout at `geometry` the same gain std*sqrt(F) as the paper's network, so the input's
+    signal reaches fc8 as strongly as in the paper; other layouts keep their relation to the paper
+    layout. 1.0 for every layer at the paper's own scale."""
+    full = get_layout("paper", num_classes, IMAGENET)
+    here = get_layout("paper", num_classes, geometry)
+    return {n: math.sqrt(fan_in(full, n) / fan_in(here, n)) for n in LAYER_NAMES}

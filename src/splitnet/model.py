@@ -11,6 +11,8 @@ Shapes per column, paper layout, batch B (224 crop padded to 227 for conv1):
   -> pool2 [B,128,13,13] =exchange=> conv3 reads [B,256,13,13] -> [B,192,13,13] -> conv4 [B,192,13,13]
   -> conv5 [B,128,13,13] -> pool5 [B,128,6,6] -> flatten [B,4608] =exchange=> fc6 reads [B,9216]
   -> [B,2048] =exchange=> fc7 reads [B,4096] -> [B,2048] =exchange=> fc8 (head column) [B,1000]
+At geometry "cifar" (layout.CIFAR): image [B,3,24,24] -> conv1 [B,12,24,24] -> pool1 11x11 -> conv2
+[B,32,11,11] -> pool2 5x5 -> conv3..conv5 at 5x5 -> pool5 [B,32,2,2] -> fc6..fc8 as above, narrower.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from .config import ModelConfig
 from .exchange import LocalExchange
 from .layers import LocalResponseNorm, PaperDropout, activation
 from .data.rng import derive_seed
-from .layout import LAYER_NAMES, Layout, apply_model_options, get_layout
+from .layout import LAYER_NAMES, Layout, apply_model_options, get_geometry, get_layout, init_gain_factors
 from .placement import describe, resolve_devices
 
 # conv1 input padding per input mode, (left, right, top, bottom), and the crop side it expects.
@@ -37,8 +39,25 @@ INPUT_MODES = {
 
 def model_layout(layout, cfg: ModelConfig) -> Layout:
     """The layout a ModelConfig describes: a built-in name (or Layout) plus the config's table edits."""
-    return apply_model_options(get_layout(layout, cfg.num_classes), cfg.pool, cfg.cross_add, cfg.cross_remove,
-                               cfg.lrn_scope)
+    return apply_model_options(get_layout(layout, cfg.num_classes, cfg.geometry), cfg.pool, cfg.cross_add,
+                               cfg.cross_remove, cfg.lrn_scope)
+
+
+def input_spec(cfg: ModelConfig) -> tuple:
+    """(conv1 input padding (left, right, top, bottom), the crop side the model takes)."""
+    if cfg.geometry == "imagenet":
+        return INPUT_MODES[cfg.input_mode]
+    geo = get_geometry(cfg.geometry)
+    return (0, 0, 0, 0), geo.image_side
+
+
+def init_stds(layout: Layout, cfg: ModelConfig) -> dict:
+    """Per layer, the std of its weights' N(0, std^2) init (§5: 0.01; scaled per layer at another
+    geometry when init_scaling = "geometry", see layout.init_gain_factors)."""
+    if cfg.init_scaling == "none":
+        return {n: cfg.init_std for n in layout.names}
+    factors = init_gain_factors(layout.geometry, cfg.num_classes)
+    return {n: cfg.init_std * factors[n] for n in layout.names}
 
 
 class Column(nn.Module):
@@ -122,7 +141,8 @@ class SplitAlexNet(nn.Module):
     column, e.g. ("cuda:0", "cuda:1"). config / overrides: ModelConfig fields (paper defaults).
     concurrency: how one process runs its columns at the same time, "auto", "sequential", "threads"
     (CPU emulation) or "streams" (one GPU); concurrent.py. It changes speed, never the result.
-    Input: float [B, 3, 224, 224] mean-subtracted 0..255 RGB (227 with input_mode="caffe227").
+    Input: float [B, 3, 224, 224] mean-subtracted 0..255 RGB (227 with input_mode="caffe227";
+    [B, 3, 24, 24] at geometry "cifar").
     Output: logits [B, num_classes] on the head column's device.
     """
 
@@ -138,7 +158,7 @@ class SplitAlexNet(nn.Module):
         self.config = cfg
         self.layout = model_layout(layout, cfg)
         self.devices = resolve_devices(devices, self.layout.columns)
-        self.pad, self.input_side = INPUT_MODES[cfg.input_mode]
+        self.pad, self.input_side = input_spec(cfg)
         self.columns = nn.ModuleList(Column(self.layout, c, cfg) for c in range(self.layout.columns))
         self.reset_parameters()  # every column, so a seed gives the same network on any placement
         # local_columns: the columns this process holds (distributed.py: one per rank); the others
@@ -163,18 +183,20 @@ class SplitAlexNet(nn.Module):
     # ---- init (§5) ---------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Every weight ~ N(0, init_std^2); biases init_bias in init_bias_layers, 0 elsewhere (§5).
+        """Every weight ~ N(0, std^2) (init_stds: 0.01 at the paper's scale); biases init_bias in
+        init_bias_layers, 0 elsewhere (§5).
 
         Draws on the CPU in table order (layer by layer, column by column) and copies to each
         column's device, so a seed gives the same network on any placement.
         """
         cfg = self.config
+        stds = init_stds(self.layout, cfg)
         for row in self.layout.rows:
             for col in self.columns:
                 mod = getattr(col, row.name, None) if col.is_local else None
                 if mod is None:
                     continue
-                w = torch.empty(mod.weight.shape).normal_(0.0, cfg.init_std, generator=generator)
+                w = torch.empty(mod.weight.shape).normal_(0.0, stds[row.name], generator=generator)
                 mod.weight.copy_(w)
                 mod.bias.fill_(cfg.init_bias if row.name in cfg.init_bias_layers else 0.0)
 

@@ -31,6 +31,7 @@ from .data.rng import derive_seed
 from .evaluate import predict_probs, topk_errors
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
 from .precision import autocast, memory_format, tf32
+from .config import ConfigError
 from .runconfig import TrainConfig, dump_toml, load_config
 from .runtime import make_runtime
 from .tune import calibrate, worth_calibrating
@@ -236,6 +237,7 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
     classes = train_ds.classes
     torch.manual_seed(cfg.seed)  # the init
     model = rt.build_model(cfg, len(classes))
+    check_input_geometry(cfg, model, train_ds.image_size, cache)
     fmt = memory_format(cfg.precision)
     if fmt == torch.channels_last:  # bf16_cl: conv weights NHWC (parameters keep their identity)
         model.to(memory_format=fmt)
@@ -398,6 +400,19 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
     if status == "interrupted" and main:
         log.warning("train: interrupted at step %d; resume with: splitnet train --resume %s", state["step"], out)
     return summary
+
+
+def check_input_geometry(cfg: TrainConfig, model, cache_side: int, cache) -> None:
+    """The crop the data pipeline cuts must be the model's input, cut from images of the size the
+    config expects: a mismatch is a one-line error naming the keys, before any training."""
+    if cfg.data.image_size != cache_side:
+        raise ConfigError(f"data.image_size = {cfg.data.image_size}, but the cache {cache} holds "
+                          f"{cache_side}x{cache_side} images: set data.image_size = {cache_side} or "
+                          f"prepare the data at {cfg.data.image_size}")
+    if cfg.data.crop_size != model.input_side:
+        raise ConfigError(f"data.crop_size = {cfg.data.crop_size}, but the model (model.geometry = "
+                          f"{cfg.model.geometry!r}, input_mode {cfg.model.input_mode!r}) takes "
+                          f"{model.input_side}x{model.input_side} crops: set data.crop_size = {model.input_side}")
 
 
 def _ck_step(out: Path):

@@ -16,7 +16,8 @@
         shard-00000.stats.npz   (train) the shard's exact sums for the mean and covariance
         labels.npy        int64 [N]: label of each image, in index order
         index.npy         int64 [N, 2]: (shard, row) of each image
-        files.txt         source path (relative to ROOT) of each image, one a line
+        files.txt         source path (relative to ROOT) of each image, one a line; from the CIFAR-10
+                          archive (archive.py), member and row instead: data_batch_1#0
 
 Every file is written to a temporary name and renamed into place (os.replace), so an interrupted
 run leaves either the old file or the new one, never half of one.
@@ -135,10 +136,11 @@ def default_cache_dir(src, work_dir) -> Path:
 def ensure_cache(data_root_or_cache, work_dir, cfg: DataConfig | None = None) -> Path:
     """A complete cache for `data_root_or_cache`, preparing it if needed; returns the cache folder.
 
-    A cache (has cache.json): used as it is. A folder of class folders (has train/): prepared into
-    cfg.cache, or WORK/cache/<name>-<hash>; a complete cache there from the same source is reused
-    without listing the source again (`splitnet data prepare` re-checks a source for changes), an
-    unfinished one is resumed.
+    A cache (has cache.json): used as it is. A folder of class folders (has train/), or the CIFAR-10
+    python archive (a file, archive.py): prepared into cfg.cache, or WORK/cache/<name>-<hash>; a
+    complete cache there from the same source and image_size is reused without reading the source
+    again (`splitnet data prepare` re-checks a folder for changes), an unfinished one is resumed
+    (an archive is prepared again: there is nothing to resume).
     """
     cfg = cfg or DataConfig()
     path = Path(data_root_or_cache)
@@ -146,8 +148,9 @@ def ensure_cache(data_root_or_cache, work_dir, cfg: DataConfig | None = None) ->
         read_info(path)
         return path
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such folder (expected a prepared cache or ROOT/train/<class>/*)")
-    if not (path / "train").is_dir():
+        raise FileNotFoundError(f"{path}: no such folder (expected a prepared cache, ROOT/train/<class>/* "
+                                f"or the CIFAR-10 python archive)")
+    if not path.is_file() and not (path / "train").is_dir():
         if (path / MANIFEST).exists():
             read_info(path)  # raises the "unfinished preparation" error
         raise FileNotFoundError(f"{path}: neither a prepared cache ({CACHE_JSON}) nor a folder of class "
@@ -161,5 +164,5 @@ def ensure_cache(data_root_or_cache, work_dir, cfg: DataConfig | None = None) ->
     from .preparation import prepare
 
     log.info("data: preparing %s into %s (once; later runs reuse it)", path, out)
-    prepare(path, out, cfg=cfg)
+    prepare(path, out, cfg=cfg)  # a file goes to archive.prepare_archive
     return out

@@ -23,14 +23,19 @@ def register(sub) -> None:
     s.set_defaults(func=_synth)
 
     q = actions.add_parser("prepare", help="decode ROOT/{train,val}/<class>/* once into a packed 256x256 cache (§2)")
-    q.add_argument("--src", required=True, help="ROOT holding train/<class>/* (and optionally val/<class>/*)")
+    q.add_argument("--src", required=True,
+                   help="ROOT holding train/<class>/* (and optionally val/<class>/*), or the CIFAR-10 python "
+                        "archive cifar-10-python.tar.gz as distributed (read directly, packed at its native "
+                        "32x32 unless --image-size says otherwise)")
     q.add_argument("--out", required=True, help="cache folder; rerunning resumes an interrupted preparation")
     q.add_argument("--workers", type=int, default=0, help="processes (0 = every core)")
     q.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
     q.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="stop when more than this share of a split is unreadable (default 0.01)")
     q.add_argument("--shard-size", type=int, default=1024, help="images per shard (default 1024)")
-    q.add_argument("--image-size", type=int, default=256, help="side of the packed images (§2: 256)")
+    q.add_argument("--image-size", type=int, default=None,
+                   help="side of the packed images (default: 256 for folders, §2; 32 for the CIFAR-10 archive, "
+                        "its native size)")
     q.add_argument("--resample", default="lanczos", help="lanczos (default), bicubic, bilinear, box, hamming")
     q.add_argument("--max-image-pixels", type=int, default=PIL_MAX_IMAGE_PIXELS,
                    help=f"refuse larger images (decompression bombs; default Pillow's {PIL_MAX_IMAGE_PIXELS:,}; 0 = no limit)")
@@ -59,7 +64,7 @@ def _prepare(args) -> int:
 
     cfg = _config.from_dict(DataConfig, {
         "prepare_workers": args.workers, "strict": args.strict, "max_bad_fraction": args.max_bad_fraction,
-        "shard_size": args.shard_size, "image_size": args.image_size, "resample": args.resample,
+        "shard_size": args.shard_size, "image_size": args.image_size or _default_size(args.src), "resample": args.resample,
         "max_image_pixels": args.max_image_pixels})
     report = prepare(args.src, args.out, cfg=cfg, progress=not args.no_progress)
     for split, r in report["splits"].items():
@@ -67,6 +72,13 @@ def _prepare(args) -> int:
               f"{len(r['notes'])} packed with a note (converted, upscaled), {len(r['ignored'])} other files ignored")
     print(f"cache ready: {args.out} (details: {Path(args.out) / 'report.json'})")
     return 0
+
+
+def _default_size(src) -> int:
+    """§2's 256 for a folder of photographs; the native 32 for CIFAR-10's archive (upscaling 32-pixel
+    images to 256 would only make the cache 64 times larger)."""
+    from .archive import is_cifar_archive
+    return 32 if Path(src).is_file() and is_cifar_archive(src) else 256
 
 
 def _info(args) -> int:

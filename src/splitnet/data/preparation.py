@@ -206,6 +206,8 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
             max_image_pixels: int | None = None, progress: bool = True) -> dict:
     """Prepare the class folders under `src` into the cache `out` (§2); returns the report (report.json).
 
+    `src` may also be the CIFAR-10 python archive (cifar-10-python.tar.gz): archive.prepare_archive.
+
     Keyword arguments override the matching DataConfig fields (workers -> prepare_workers).
     Raises FileNotFoundError (no src/train), DataError (a val class unknown to train, too many
     unreadable files, strict and an unreadable file, no readable training image).
@@ -215,6 +217,11 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
                  "shard_size": shard_size, "image_size": image_size, "max_image_pixels": max_image_pixels}
     cfg = _config.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     src, out = Path(src), Path(out)
+    if src.is_file():
+        # A file can only be an archive. Every file goes to archive.py, not just those is_cifar_archive
+        # accepts, so a truncated or foreign one gets its exact fault rather than "not a folder".
+        from .archive import prepare_archive
+        return prepare_archive(src, out, cfg, progress=progress)
     if C.is_cache(src):
         raise DataError(f"{src}: already a prepared cache; pass it to training as it is")
     classes, listings = list_source(src)
@@ -288,7 +295,7 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
     finally:
         bar.close()
 
-    info = _assemble(src, out, cfg, classes, plans, metas)
+    info = _assemble(src, out, cfg, classes, {split: len(tasks) for split, tasks in plans.items()}, metas)
     report = _write_report(out, src, listings, metas, "complete")
     C.write_json(out / C.CACHE_JSON, info)  # last: the cache is complete
     for split in plans:
@@ -320,27 +327,30 @@ def _write_report(out, src, listings, metas, status) -> dict:
     return report
 
 
-def _assemble(src: Path, out: Path, cfg: DataConfig, classes: list, plans: dict, metas: dict) -> dict:
-    """Per split: labels.npy, index.npy, files.txt; training statistics; classes.json. Returns cache.json."""
+def _assemble(src: Path, out: Path, cfg: DataConfig, classes: list, shards: dict, metas: dict) -> dict:
+    """Per split: labels.npy, index.npy, files.txt; training statistics; classes.json. Returns cache.json.
+
+    shards: {split: number of shards}, shard i's meta in metas[(split, i)] and its files written
+    (pack_shard's layout). Shared by folder preparation and archive.py (the CIFAR-10 archive)."""
     splits = {}
     total = S.empty_stats(cfg.image_size)
-    for split, tasks in plans.items():
+    for split, n_shards in shards.items():
         folder = out / split
         labels, index, files, counts = [], [], [], []
-        for t in tasks:
-            m = metas[(split, t.index)]
+        for i in range(n_shards):
+            m = metas[(split, i)]
             labels += m["labels"]
             files += m["files"]
-            index += [(t.index, r) for r in range(m["count"])]
+            index += [(i, r) for r in range(m["count"])]
             counts.append(m["count"])
             if split == "train":
-                with np.load(folder / f"{C.shard_stem(t.index)}.stats.npz") as z:
+                with np.load(folder / f"{C.shard_stem(i)}.stats.npz") as z:
                     total = S.add(total, {k: z[k] for k in total})
         C.write_npy(folder / "labels.npy", np.asarray(labels, dtype=np.int64))
         C.write_npy(folder / "index.npy", np.asarray(index, dtype=np.int64).reshape(-1, 2))
         C.atomic_write(folder / "files.txt", "".join(f + "\n" for f in files).encode())
         for p in folder.glob("shard-*"):  # shards of an earlier, longer plan
-            if int(p.name.split(".")[0][len("shard-"):]) >= len(tasks):
+            if int(p.name.split(".")[0][len("shard-"):]) >= n_shards:
                 p.unlink()
         splits[split] = {"count": len(labels), "shards": counts}
     if total["count"] == 0:

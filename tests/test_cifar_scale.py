@@ -1,0 +1,155 @@
+"""The paper's network family at CIFAR-10 scale (model.geometry = "cifar"): the same table machinery,
+only the geometry changed; its init keeps the paper's per-layer gain; the CIFAR ablation suite and
+Figure 1's protocol on small data."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import splitnet
+from reference import COLUMNS, GROUPS, reference_forward, rel
+from splitnet.ablate import experiment_names, load_experiment, run_ablations
+from splitnet.config import ConfigError
+from splitnet.data import ensure_cache, make_synthetic
+from splitnet.data.config import DataConfig
+from splitnet.fig1 import FourLayerCNN, balanced_indices, epochs_to, small_images, train_error
+from splitnet.layout import LAYER_NAMES, get_layout, init_gain_factors
+
+# The paper network's fan-ins (§3.5, Figure 2), typed from the paper: conv1 11*11*3, conv2 5*5*48,
+# conv3 3*3*256, conv4 and conv5 3*3*192, fc6 6*6*256, fc7 and fc8 4096.
+PAPER_FAN_IN = {"conv1": 363, "conv2": 1200, "conv3": 2304, "conv4": 1728, "conv5": 1728,
+                "fc6": 9216, "fc7": 4096, "fc8": 4096}
+
+
+@pytest.mark.parametrize("layout", ["paper", "towers"])
+def test_cifar_model_equals_the_reference_network(layout):
+    """Split model at CIFAR scale vs the independent grouped reference with conv1 5x5/1 pad 2."""
+    torch.manual_seed(3)
+    m = splitnet.SplitAlexNet(10, layout=layout, devices=("cpu",) * COLUMNS[layout], geometry="cifar",
+                              concurrency="sequential").eval().double()
+    sd = {k: v.clone().requires_grad_(True) for k, v in m.grouped_state_dict().items()}
+    x1 = (torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(4)) * 60).double()
+    x2 = x1.clone().requires_grad_(True)
+    x1.requires_grad_(True)
+    y = torch.tensor([1, 5, 9])
+    logits = m(x1)
+    F.cross_entropy(logits, y).backward()
+    ref = reference_forward(sd, x2, GROUPS[layout], COLUMNS[layout], pad=(0, 0, 0, 0), conv1=(1, 2))
+    F.cross_entropy(ref, y).backward()
+    assert logits.shape == (3, 10)
+    assert rel(logits.detach(), ref.detach()) < 1e-10 and rel(x1.grad, x2.grad) < 1e-10
+    assert rel(m.columns[0].conv2.weight.grad, sd["conv2.weight"].grad[:32]) < 1e-10
+
+
+def test_cifar_geometry_shapes_and_crossings():
+    lay = get_layout("paper", 10, "cifar")
+    shapes = {r.name: s.out_shapes for r, s in zip(lay.rows, lay.stats())}
+    # 24 -> conv1 5x5/1 pad 2 -> 24 -> pool 3/2 -> 11 -> conv2 -> pool -> 5 -> conv3..5 -> pool -> 2.
+    assert shapes["conv1"] == ((16, 11, 11),) * 2 and shapes["conv2"] == ((32, 5, 5),) * 2
+    assert shapes["conv5"] == ((32, 2, 2),) * 2 and shapes["fc8"] == ((10,), None)
+    assert [r.name for r in lay.rows if r.cross] == ["conv3", "fc6", "fc7", "fc8"]
+    assert [r.name for r in lay.rows if r.lrn] == ["conv1", "conv2"]
+    assert all(r.pool == (3, 2) for r in lay.rows if r.pool) and [r.name for r in lay.rows if r.dropout] == ["fc6", "fc7"]
+    # conv3 reads both columns' pool2 maps: 2 x 32x5x5 floats cross per image, once each way.
+    assert lay.exchange_bytes_per_image()["conv3"] == 2 * 32 * 5 * 5 * 4
+    m = splitnet.SplitAlexNet(10, devices="cpu", geometry="cifar")
+    assert m.input_side == 24 and m.layout.geometry == "cifar"
+    with pytest.raises(ValueError, match=r"conv1: expected input \[B, 3, 24, 24\]"):
+        m(torch.zeros(1, 3, 224, 224))
+
+
+def test_init_keeps_the_paper_networks_gain_per_layer():
+    assert set(init_gain_factors("imagenet").values()) == {1.0}
+    torch.manual_seed(5)
+    m = splitnet.SplitAlexNet(10, devices="cpu", geometry="cifar")
+    sd = m.grouped_state_dict()
+    for name in LAYER_NAMES:
+        w = sd[f"{name}.weight"]
+        fan = w[0].numel()
+        want = 0.01 * math.sqrt(PAPER_FAN_IN[name] / fan)
+        assert abs(w.std().item() - want) < 4 * want / math.sqrt(2 * w.numel()) + 1e-6, name
+        bias = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
+        assert torch.all(sd[f"{name}.bias"] == bias), name
+    plain = splitnet.SplitAlexNet(10, devices="cpu", geometry="cifar", init_scaling="none").grouped_state_dict()
+    assert abs(plain["fc6.weight"].std().item() - 0.01) < 1e-3
+
+
+def test_cifar_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="input_mode"):
+        splitnet.SplitAlexNet(10, devices="cpu", geometry="cifar", input_mode="caffe227")
+    with pytest.raises(ConfigError, match="geometry"):
+        splitnet.SplitAlexNet(10, devices="cpu", geometry="mnist")
+
+
+def test_cifar_suite_has_every_twin_and_each_builds():
+    names = experiment_names("cifar")
+    assert names[0] == "paper" and "caffe227" not in names
+    assert set(experiment_names("ablations")) - set(names) == {"caffe227"}
+    for n in names:
+        cfg, meta = load_experiment(n, data="x", suite="cifar")
+        assert cfg.model.geometry == "cifar" and cfg.data.crop_size == 24 and cfg.data.image_size == 32
+        m = splitnet.SplitAlexNet(10, config=cfg.model, devices="cpu").eval()
+        with torch.no_grad():
+            assert m(torch.zeros(1, 3, 24, 24)).shape == (1, 10), n
+    with pytest.raises(ConfigError, match="--suite cifar needs --data"):
+        load_experiment("paper", suite="cifar")
+
+
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory):
+    """A tiny 10-class set prepared at CIFAR's native 32x32."""
+    home = tmp_path_factory.mktemp("c32")
+    root = make_synthetic(home / "syn", seed=4, classes=10, train_per_class=8, val_per_class=2)
+    return ensure_cache(root, home, DataConfig(image_size=32))
+
+
+def test_cifar_suite_runner_two_jobs(tiny32, tmp_path):
+    sets = ["batch_size=8", "max_steps=2", "data.workers=0", "eval_batch_size=20"]
+    rows = run_ablations(tmp_path, ["paper", "no-lrn"], data=str(tiny32), seeds=2, sets=sets, time_reps=1,
+                         suite="cifar", jobs=2)
+    assert [r["name"] for r in rows] == ["paper", "no-lrn"]
+    for r in rows:
+        assert r["seeds_done"] == 2 and r["steps"] == [2, 2] and r["params"] == get_layout("paper", 10, "cifar").params()
+        assert len(r["colour_specificity"]) == 2 and all(len(c) == 2 for c in r["colour_specificity"])
+        assert r["train_images_per_s"] > 0 and all(t > 0 for t in r["train_minutes"])
+        assert r["ten_top1_err_std"] == pytest.approx(np.std([p["ten_top1_err"] for p in r["per_seed"]], ddof=1))
+    cfg = json.loads(json.dumps([load_experiment("paper", str(tiny32), sets, "cifar")[0].model.geometry]))
+    assert cfg == ["cifar"]
+    md = (tmp_path / "ablations.md").read_text()
+    assert "CIFAR-10 scale" in md and "Figure 3's measure" in md
+    # Each run recorded the geometry it was built with, and trained single-threaded beside the other.
+    run_cfg = (tmp_path / "runs" / "paper-seed1" / "config.toml").read_text()
+    assert 'geometry = "cifar"' in run_cfg and "threads = 1" in run_cfg and "seed = 1" in run_cfg
+
+
+def test_a_crop_that_is_not_the_models_input_is_refused(tiny32, tmp_path):
+    cfg = load_experiment("paper", str(tiny32), ["max_steps=1", "data.crop_size=28", "data.workers=0"], "cifar")[0]
+    with pytest.raises(ConfigError, match="data.crop_size = 28"):
+        splitnet.train.train(cfg, tmp_path / "run")
+    cfg = load_experiment("paper", str(tiny32), ["max_steps=1", "data.image_size=256", "data.workers=0"], "cifar")[0]
+    with pytest.raises(ConfigError, match="data.image_size = 256"):
+        splitnet.train.train(cfg, tmp_path / "run2")
+
+
+def test_balanced_subsets_take_every_class_equally(tiny32):
+    labels = np.repeat(np.arange(5), [10, 3, 8, 8, 8])  # class-sorted, like a cache
+    idx = balanced_indices(labels, 15, 5)
+    assert np.bincount(labels[idx], minlength=5).tolist() == [3] * 5
+    with pytest.raises(ValueError, match=r"classes \[1\]"):
+        balanced_indices(labels, 20, 5)
+    x, y, classes = small_images(tiny32, "train", 32, limit=30)
+    assert classes == 10 and x.shape == (30, 3, 32, 32) and np.bincount(y.numpy()).tolist() == [3] * 10
+    assert abs(x.mean().item()) < 1e-3  # mean-subtracted raw pixels (init "paper")
+
+
+def test_running_training_error_counts_the_batches_as_computed(tiny32):
+    """With lr 0 nothing changes during the epoch, so the running error equals a full pass's."""
+    x, y, classes = small_images(tiny32, "train", 32)
+    for init in ("paper", "torch"):
+        res = epochs_to(x, y, classes, "relu", 0.0, target=0.0, max_epochs=1, batch=16, init=init)
+        torch.manual_seed(0)
+        model = FourLayerCNN("relu", classes, 32, init)
+        assert res["curve"] == [train_error(model, x, y)] and res["images_per_s"] > 0
