@@ -153,3 +153,17 @@ def test_running_training_error_counts_the_batches_as_computed(tiny32):
         torch.manual_seed(0)
         model = FourLayerCNN("relu", classes, 32, init)
         assert res["curve"] == [train_error(model, x, y)] and res["images_per_s"] > 0
+
+
+def test_reproduce_and_eval_on_a_native_32_pixel_cache(tiny32, tmp_path):
+    """Every command that reads a cache works at 32x32: reproduce (training, ten patches, Figures 3
+    and 4 with 5x5 kernels and 24-pixel crops) and eval with ten patches."""
+    from splitnet.evaluate import evaluate_checkpoints
+    from splitnet.report import EXPERIMENTS, reproduce
+    sets = ["max_steps=2", "batch_size=8", "eval_batch_size=20", "data.workers=0"]
+    report = reproduce(tmp_path, data=str(tiny32), config=EXPERIMENTS / "cifar.toml", sets=sets)
+    text = report.read_text()
+    assert "CIFAR-10 scale" in text and (tmp_path / "figures" / "figure3_conv1_kernels.png").stat().st_size > 500
+    assert (tmp_path / "figures" / "figure4_predictions_neighbours.png").stat().st_size > 1000
+    rows = evaluate_checkpoints([tmp_path / "run"], split="val", ten=True, batch_size=20)
+    assert {r["patches"] for r in rows} == {1, 10} and all(0 <= r["top1_err"] <= 1 for r in rows)

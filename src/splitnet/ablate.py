@@ -172,10 +172,17 @@ def _train_all(tasks: list, jobs: int, on_done) -> None:
             d = _as_dict(cfg)
             d["threads"] = d["threads"] or threads
             futs[pool.submit(_train_run, d, str(run))] = name
-        for f in as_completed(futs):
-            if f.result() == "interrupted":
-                raise KeyboardInterrupt
-            on_done(futs[f])
+        try:
+            for f in as_completed(futs):
+                if f.result() == "interrupted":
+                    raise KeyboardInterrupt
+                on_done(futs[f])
+        except BaseException:
+            # Ctrl-C (or a failed run): start nothing more. Runs in flight got the same SIGINT from the
+            # terminal and save at their next step; `with` then waits for them, so none is cut mid-write.
+            for f in futs:
+                f.cancel()
+            raise
 
 
 def _result_row(name: str, cfg, meta: dict, runs: list, rel_time) -> dict:
