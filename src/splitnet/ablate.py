@@ -300,8 +300,12 @@ def run_figure1(out, data=None, sets=(), suite: str = "ablations", **kw) -> dict
 def _append_figure1(out: Path, res: dict) -> None:
     r, t = res["acts"]["relu"], res["acts"]["tanh"]
     ratio = res["ratio_tanh_over_relu"]
-    ratio_text = (f"{ratio:.1f}" if ratio else
-                  f"n/a (one did not reach the target in {res['max_epochs']} epochs)")
+    if ratio:
+        ratio_text = f"{ratio:.1f}"
+    elif res.get("ratio_at_least"):
+        ratio_text = f"more than {res['ratio_at_least']:.1f} (tanh did not reach the target in {res['max_epochs']} epochs)"
+    else:
+        ratio_text = f"n/a (ReLU did not reach the target in {res['max_epochs']} epochs)"
     speed = (f" Training speed: ReLU {r['images_per_s']:.0f}, tanh {t['images_per_s']:.0f} images/s; "
              f"{res['minutes']:.0f} minutes in all." if "minutes" in res else "")
     text = (f"\n## Figure 1: ReLU vs tanh, four-layer CNN, {res['side']}x{res['side']} images\n\n"
