@@ -23,6 +23,7 @@ subset of `search_images`; the rate with the lowest running training error in it
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger("splitnet")
 
 PAPER_STDS = {"conv1": 1e-4, "conv2": 0.01, "conv3": 0.01, "fc": 0.01}
 
@@ -136,6 +139,8 @@ def epochs_to(x, y, classes: int, act: str, lr: float, target: float = 0.25, max
             res["diverged"] = True
             break
         curve.append(wrong.item() / len(x) if measure == "running" else train_error(model, x, y))
+        log.info("figure 1: %s lr %g, epoch %d: training error %.4f (%.0f images/s)", act, lr, epoch,
+                 curve[-1], seen / max(t_train, 1e-9))
         if curve[-1] <= target:
             res["epochs"] = epoch
             break
