@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from .evaluate import evaluate_checkpoints
-from .config import ConfigError
-from .runconfig import apply_sets, load_config
-from .train import read_metrics, train
+from ..train import checkpoint as ckpt
+from ..train.evaluate import evaluate_checkpoints
+from ..config import ConfigError
+from ..train.config import apply_sets, load_config
+from ..train.loop import read_metrics, train
 
 log = logging.getLogger("splitnet")
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[3] / "experiments"
 ABLATIONS = EXPERIMENTS / "ablations"
 # Top-level keys of an experiment file that describe it rather than configure the run. `geometries`:
 # the scales at which the experiment means something (default: every one), e.g. 227-pixel crops
@@ -94,7 +94,7 @@ def load_experiment(name: str, data=None, sets=(), suite: str = "ablations") -> 
 
 
 def _timing_model(cfg):
-    from .model import SplitAlexNet
+    from ..model.columns import SplitAlexNet
     torch.manual_seed(0)
     m = SplitAlexNet(num_classes=10, config=cfg.model, devices=tuple(cfg.devices) or None,
                      concurrency=cfg.concurrency).train()
@@ -279,7 +279,7 @@ def run_ablations(out, names=None, data=None, seeds: int = 1, sets=(), time_reps
 def run_figure1(out, data=None, sets=(), suite: str = "ablations", **kw) -> dict:
     """Figure 1 (fig1.py) on the suite's training set at 32x32; kept if OUT/figure1.json exists."""
     from .fig1 import figure1
-    from .train import resolve_data
+    from ..train.loop import resolve_data
     out = Path(out)
     if (out / "figure1.json").exists():
         return json.loads((out / "figure1.json").read_text())
@@ -310,8 +310,8 @@ def _append_figure1(out: Path, res: dict) -> None:
 
 def _static(cfg, run) -> dict:
     """Costs from the layout table, for the number of classes the run was trained on."""
-    from .config import replace
-    from .model import model_layout
+    from ..config import replace
+    from ..model.columns import model_layout
     classes = json.loads((Path(run) / "run.json").read_text())["classes"]
     mcfg = replace(cfg.model, num_classes=len(classes))
     lay = model_layout(mcfg.layout, mcfg)
@@ -321,7 +321,7 @@ def _static(cfg, run) -> dict:
 
 
 def _as_dict(cfg) -> dict:
-    from .config import to_dict
+    from ..config import to_dict
     return to_dict(cfg)
 
 

@@ -1,4 +1,4 @@
-"""Small subcommands: `splitnet layouts`."""
+"""`splitnet layouts`: the built-in layouts, or one layout's table with its costs."""
 from __future__ import annotations
 
 import json

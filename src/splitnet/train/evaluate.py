@@ -16,9 +16,9 @@ def predict_probs(model, batches, max_batches: int = 0, mode: str = "fp32"):
 
     x: [B, 3, S, S] (one patch) or [B, P, 3, S, S] (P patches per image: their probabilities are
     averaged). The model is put in eval mode (paper dropout: outputs x0.5). mode: the numeric mode
-    of the forward pass (precision.py; a run evaluates in the mode it trains in).
+    of the forward pass (model/precision.py; a run evaluates in the mode it trains in).
     """
-    from .precision import autocast, memory_format, tf32
+    from ..model.precision import autocast, memory_format, tf32
     fmt = memory_format(mode)
     was_training = model.training
     model.eval()
@@ -93,9 +93,9 @@ def _ck_path(p):
 def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64, devices=None) -> list:
     """Rows {model, patches, top1_err, top5_err, images}: each checkpoint, then their ensemble."""
     from . import checkpoint as ckpt
-    from .config import replace
-    from .data import PackedDataset
-    from .train import input_batches, resolve_data
+    from ..config import replace
+    from ..data import PackedDataset
+    from .loop import input_batches, resolve_data
 
     rows, probs = [], {1: [], 10: []}
     labels = None

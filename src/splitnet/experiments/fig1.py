@@ -82,7 +82,7 @@ def small_images(cache, split: str = "train", side: int = 32, limit: int = 0, in
     """(float images [N, 3, side, side], labels [N], classes): the cache's images (area-averaged to
     `side` if the cache is larger), minus the mean image; divided by 64 for init "torch". `limit`:
     a class-balanced subset of that many images."""
-    from .data import PackedDataset
+    from ..data import PackedDataset
     ds = PackedDataset(cache, split)
     classes = len(ds.classes)
     index = balanced_indices(ds.labels, limit, classes) if limit else np.arange(len(ds))

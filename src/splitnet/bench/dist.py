@@ -1,8 +1,8 @@
 """Training step time under torchrun (one column per rank) against one process, and the time share of
 the exchanges per layer.
 
-    python -m splitnet.bench_dist --out A.json                               # one process (baseline)
-    torchrun --nproc-per-node=2 -m splitnet.bench_dist --out B.json          # 2 gloo ranks / NCCL GPUs
+    python -m splitnet.bench.dist --out A.json                               # one process (baseline)
+    torchrun --nproc-per-node=2 -m splitnet.bench.dist --out B.json          # 2 gloo ranks / NCCL GPUs
 
 Each run times `--steps` training steps (after one warm-up) of the paper layout at `--batch` on random
 data. Under torchrun it also times, on every rank, the collectives of each crossing layer (forward
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 def _timed_gather(layer_times):
     """Wrap distributed._GatherColumns so each call's collective time is added to layer_times[layer]."""
-    from . import distributed as D
+    from ..train import distributed as D
 
     orig_fwd, orig_bwd = D._GatherColumns.forward, D._GatherColumns.backward
 
@@ -48,28 +48,28 @@ def _timed_gather(layer_times):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m splitnet.bench_dist")
+    p = argparse.ArgumentParser(prog="python -m splitnet.bench.dist")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    from .memory import keep_freed_memory
+    from ..train.memory import keep_freed_memory
     keep_freed_memory()  # as `splitnet train` does, in both the single process and every rank
-    from .distributed import world_from_env
-    from .runconfig import TrainConfig
+    from ..train.distributed import world_from_env
+    from ..train.config import TrainConfig
 
     world = world_from_env()
     torch.manual_seed(0)
     layer_times: dict = {}
     if world > 1:
-        from . import distributed as D
+        from ..train import distributed as D
         mesh = D.init_mesh(2, timeout_s=300)
         _timed_gather(layer_times)
         model = D.build_model(TrainConfig(), 1000, mesh)
         b = args.batch // mesh.replicas
         dev = mesh.device
     else:
-        from .model import SplitAlexNet
+        from ..model.columns import SplitAlexNet
         mesh = None
         model = SplitAlexNet(1000, devices="cpu")
         b = args.batch

@@ -26,15 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .data import DataConfig, DeviceBatches, PackedDataset, ensure_cache, make_loader, make_synthetic
-from .data.rng import derive_seed
+from ..data import DataConfig, DeviceBatches, PackedDataset, ensure_cache, make_loader, make_synthetic
+from ..data.rng import derive_seed
 from .evaluate import predict_probs, topk_errors
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
-from .precision import autocast, memory_format, tf32
-from .config import ConfigError
-from .runconfig import TrainConfig, dump_toml, load_config
+from ..model.precision import autocast, memory_format, tf32
+from ..config import ConfigError
+from .config import TrainConfig, dump_toml, load_config
 from .runtime import make_runtime
-from .tune import calibrate, worth_calibrating
+from ..model.tune import calibrate, worth_calibrating
 
 log = logging.getLogger("splitnet")
 
@@ -261,7 +261,7 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
         Metrics.truncate_to(out / "metrics.jsonl", 0, 0)
     mesh = rt.mesh
     concurrency = {"requested": cfg.concurrency}
-    if mesh is None and worth_calibrating(model):  # a GPU: time the candidates once (tune.py)
+    if mesh is None and worth_calibrating(model):  # a GPU: time the candidates once (model/tune.py)
         tuned = calibrate(model, cfg.batch_size, mode=cfg.precision)
         concurrency["calibration_step_s"] = tuned["step_s"]
         log.info("train: concurrency auto -> %s (one training pass: %s)", tuned["strategy"], ", ".join(
@@ -466,7 +466,7 @@ def evaluate_split(model, cache, ds, cfg: TrainConfig, rt=None, ten: bool = Fals
 
 
 def _plain(cfg) -> dict:
-    from .config import to_dict
+    from ..config import to_dict
     return to_dict(cfg)
 
 

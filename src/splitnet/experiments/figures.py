@@ -74,7 +74,7 @@ def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .data import PackedDataset
+    from ..data import PackedDataset
 
     train_ds, val_ds = PackedDataset(cache, "train"), PackedDataset(cache, "val")
     classes = train_ds.classes
@@ -84,7 +84,7 @@ def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int 
     model.eval()
 
     def centre(ds, idx):
-        from .data.pipeline import eval_batch
+        from ..data.pipeline import eval_batch
         imgs, labels = ds.get_batch(idx)
         return imgs, labels, eval_batch(imgs, ds.mean, data_cfg or _dcfg(), ten=False)
 
@@ -147,7 +147,7 @@ def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int 
 
 
 def _dcfg():
-    from .data import DataConfig
+    from ..data import DataConfig
     return DataConfig()
 
 

@@ -11,10 +11,10 @@ and reported as ratios, because absolute timings on shared machines are noise. J
 Keys of each section:
   train_step_s_split / _grouped   median seconds of one training step (forward, cross entropy,
                                   backward, SGD update) at --batch; "split" is the default strategy
-  train_step_s_split_<strategy>   the same per concurrency strategy timed (concurrent.py): threads and
+  train_step_s_split_<strategy>   the same per concurrency strategy timed (model/concurrent.py): threads and
                                   sequential on the CPU, sequential and streams on one GPU
   default_strategy, best_strategy what "auto" picks there (CPU: the rule in concurrent.choose; one GPU:
-                                  the faster, as training's calibration, tune.py, picks), and what
+                                  the faster, as training's calibration, model/tune.py, picks), and what
                                   was fastest in this run
   train_ratio_split_over_grouped  the default's cost over the grouped network's (goal <= 1.05 on the
                                   CPU, <= 1.10 on one GPU); train_ratio_split_<strategy>_over_grouped
@@ -57,8 +57,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .placement import synchronize
-from .precision import PRECISIONS, autocast_dtype, memory_format, precision
+from ..model.placement import synchronize
+from ..model.precision import PRECISIONS, autocast_dtype, memory_format, precision
 
 
 def register(sub) -> None:
@@ -77,7 +77,7 @@ def register(sub) -> None:
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="also time torch.compile'd sequential split and grouped networks (default backend inductor)")
     p.add_argument("--distributed", action="store_true",
-                   help="also: 2 gloo ranks under torchrun vs one process (bench_dist.py)")
+                   help="also: 2 gloo ranks under torchrun vs one process (bench/dist.py)")
     p.set_defaults(func=_main)
 
 
@@ -113,7 +113,7 @@ def _timed(fn, devices) -> float:
 
 
 def strategies_for(devices) -> list:
-    """The concurrency strategies worth timing for a placement (concurrent.py)."""
+    """The concurrency strategies worth timing for a placement (model/concurrent.py)."""
     devs = [torch.device(d) for d in devices]
     if all(d.type == "cpu" for d in devs):
         return ["threads", "sequential"]
@@ -133,10 +133,10 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
     compile_backend: also time torch.compile(backend=...) of the sequential split model and of the
     grouped network ("split_sequential_compiled", "grouped_compiled"; dropout from the global RNG, as
     here). The threads strategy is not compiled (its columns run in worker threads)."""
-    from .concurrent import choose
-    from .grouped import GroupedAlexNet
-    from .layout import get_layout
-    from .model import SplitAlexNet
+    from ..model.concurrent import choose
+    from ..model.grouped import GroupedAlexNet
+    from ..model.layout import get_layout
+    from ..model.columns import SplitAlexNet
 
     ncol = get_layout(layout).columns
     devices = tuple(torch.device(d) for d in (device if isinstance(device, (tuple, list)) else (device,) * ncol))
@@ -197,7 +197,7 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
                    for n in ((4096, 8192) if dtype_t == "cuda" else (1024, 2048, 3072)))
     best = min(strategies, key=lambda st: med[f"train_split_{st}"])
     if dtype_t == "cuda" and len(strategies) > 1:
-        default = best  # a training run times the candidates on a GPU and keeps the faster (tune.py)
+        default = best  # a training run times the candidates on a GPU and keeps the faster (model/tune.py)
     split = f"split_{default}" if default in strategies else f"split_{strategies[0]}"
     res = {
         "device": ", ".join(str(d) for d in devices), "grouped_device": str(base), "layout": layout,
@@ -261,7 +261,7 @@ def column_overlap(model, x: torch.Tensor, steps: int = 3, trace: str | None = N
     """Profile `steps` forward + backward passes and measure how much the columns overlap in time.
 
     GPU: lanes are the (device, stream) pairs the kernels ran on; CPU emulation: lanes are the columns'
-    profiler ranges (`splitnet.column<c>` forward, `.backward` backward, recorded by concurrent.py).
+    profiler ranges (`splitnet.column<c>` forward, `.backward` backward, recorded by model/concurrent.py).
     With `trace`, the Chrome trace is kept there (open it in chrome://tracing or Perfetto)."""
     import re
     import tempfile
@@ -322,7 +322,7 @@ def _synthetic_cache(per_class: int, workers: int):
     import shutil
     import tempfile
 
-    from .data import make_synthetic, prepare
+    from ..data import make_synthetic, prepare
 
     tmp = Path(tempfile.mkdtemp(prefix="splitnet-bench-"))
     try:
@@ -367,7 +367,7 @@ def _count(batches, step, devices, skip: int) -> tuple:
 
 def data_path(batch: int = 128, train_images_per_s: float | None = None) -> dict:
     """Images/s of preparation (decode) and of the cached training path, on a synthetic folder."""
-    from .data import DataConfig, make_loader
+    from ..data import DataConfig, make_loader
 
     threads = torch.get_num_threads()
     with _synthetic_cache(per_class=60, workers=1) as (cache, packed, seconds):
@@ -397,8 +397,8 @@ def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: i
     do all of it and send float32 crops. Synthetic 256x256 images, 10 classes x `per_class` (the
     default: 46 batches of 128, a few hundred milliseconds of a fast GPU's training).
     """
-    from .data import DataConfig, DeviceBatches, make_loader
-    from .model import SplitAlexNet
+    from ..data import DataConfig, DeviceBatches, make_loader
+    from ..model.columns import SplitAlexNet
 
     dev = torch.device(device)
     workers = workers if workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -449,9 +449,9 @@ def train_loop_rate(cache, devices, batch: int, mode: str, workers: int) -> floa
     the end (outside the timed records)."""
     import tempfile
 
-    from .data import PackedDataset
-    from .runconfig import load_config
-    from .train import read_metrics, train
+    from ..data import PackedDataset
+    from ..train.config import load_config
+    from ..train.loop import read_metrics, train
 
     steps = len(PackedDataset(cache, "train")) // batch - 1
     skip = workers + 2
@@ -466,22 +466,22 @@ def train_loop_rate(cache, devices, batch: int, mode: str, workers: int) -> floa
 
 
 def distributed_vs_single(batch: int = 32, steps: int = 4) -> dict:
-    """Run bench_dist.py in one process and under torchrun with 2 ranks (gloo on the CPU)."""
+    """Run bench/dist.py in one process and under torchrun with 2 ranks (gloo on the CPU)."""
     import socket
     import subprocess
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="splitnet-bdist-"))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep +
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
     common = ["--batch", str(batch), "--steps", str(steps)]
-    subprocess.run([sys.executable, "-m", "splitnet.bench_dist", "--out", str(tmp / "one.json"), *common],
+    subprocess.run([sys.executable, "-m", "splitnet.bench.dist", "--out", str(tmp / "one.json"), *common],
                    env=env, check=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                    f"--master-port={port}", "-m", "splitnet.bench_dist", "--out", str(tmp / "two.json"), *common],
+                    f"--master-port={port}", "-m", "splitnet.bench.dist", "--out", str(tmp / "two.json"), *common],
                    env=env, check=True)
     one = json.loads((tmp / "one.json").read_text())
     two = json.loads((tmp / "two.json").read_text())
@@ -585,7 +585,7 @@ def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True, p
         if place not in ("cpu", "cuda", "cuda2"):
             raise ValueError(f"unknown placement {place!r} (cpu, cuda, cuda2)")
         if place.startswith("cuda") and ngpu < (2 if place == "cuda2" else 1):
-            from .placement import DeviceError
+            from ..model.placement import DeviceError
             raise DeviceError(f"placement {place!r} asked for, but only {ngpu} CUDA device(s) are present")
         if place == "cpu":
             res["cpu"] = compare(layout, "cpu", batch, reps, compile_backend=compile_backend)
@@ -612,7 +612,7 @@ def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True, p
 
 def _overlaps(place: str, layout: str, batch: int, trace_dir) -> dict:
     """Profiler-measured overlap of the columns for the placement's concurrent strategies."""
-    from .model import SplitAlexNet
+    from ..model.columns import SplitAlexNet
     cases = {"cpu": [("cpu_threads", "cpu", "threads")],
              "cuda": [("cuda_streams", "cuda:0", "streams"), ("cuda_sequential", "cuda:0", "sequential")],
              "cuda2": [("cuda2", ("cuda:0", "cuda:1"), "sequential")]}[place]
