@@ -17,7 +17,8 @@ from splitnet.train import checkpoint as ckpt
 from splitnet.model.convert import column_tensors, grouped_from_columns
 from splitnet.data import ensure_cache, make_synthetic
 from splitnet.train.config import load_config
-from splitnet.train.loop import evaluate_split, read_metrics, train
+from splitnet.train.evaluate import evaluate_split
+from splitnet.train.loop import read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.toml"

@@ -102,7 +102,7 @@ def test_evaluation_on_the_device_path_equals_the_cpu_path(tiny_cache, straight_
     probabilities as the workers' float batches."""
     from splitnet.config import replace
     from splitnet.data import PackedDataset
-    from splitnet.train.loop import evaluate_split
+    from splitnet.train.evaluate import evaluate_split
     model, cfg, _ = ckpt.model_from_checkpoint(ckpt.load(straight_run / "checkpoint.pt"), devices="cpu")
     ds = PackedDataset(tiny_cache, "val")
     for ten in (False, True):

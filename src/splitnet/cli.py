@@ -14,6 +14,9 @@ import sys
 from .config import ConfigError
 from .model.layout import LayoutError
 from .model.placement import DeviceError
+from .train.distributed import DistributedError
+from .train.loop import TrainingError
+from .train.memory import keep_freed_memory
 
 # Modules that contribute subcommands, in the order `splitnet --help` lists them.
 COMMAND_MODULES = ("splitnet.model.cli", "splitnet.data.cli", "splitnet.train.loop", "splitnet.train.evaluate",
@@ -24,8 +27,6 @@ USER_ERRORS = (ConfigError, LayoutError, DeviceError, FileNotFoundError, NotADir
 
 def _user_errors() -> tuple:
     """Errors printed as one line: the user's input or a run that cannot go on, not a bug."""
-    from .train.distributed import DistributedError
-    from .train.loop import TrainingError
     return USER_ERRORS + (TrainingError, DistributedError)
 
 
@@ -48,7 +49,6 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .train.memory import keep_freed_memory
     keep_freed_memory()  # large activations reuse freed memory instead of fresh pages every step
     try:
         return int(args.func(args) or 0)

@@ -49,16 +49,28 @@ import contextlib
 import json
 import os
 import platform
+import re
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..model.placement import synchronize
+from ..data import DataConfig, DeviceBatches, PackedDataset, make_loader, make_synthetic, prepare
+from ..model.columns import SplitAlexNet
+from ..model.concurrent import choose
+from ..model.grouped import GroupedAlexNet
+from ..model.layout import get_layout
+from ..model.placement import DeviceError, synchronize
 from ..model.precision import PRECISIONS, autocast_dtype, memory_format, precision
+from ..train.config import load_config
+from ..train.loop import read_metrics, train
 
 
 def register(sub) -> None:
@@ -133,10 +145,6 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
     compile_backend: also time torch.compile(backend=...) of the sequential split model and of the
     grouped network ("split_sequential_compiled", "grouped_compiled"; dropout from the global RNG, as
     here). The threads strategy is not compiled (its columns run in worker threads)."""
-    from ..model.concurrent import choose
-    from ..model.grouped import GroupedAlexNet
-    from ..model.layout import get_layout
-    from ..model.columns import SplitAlexNet
 
     ncol = get_layout(layout).columns
     devices = tuple(torch.device(d) for d in (device if isinstance(device, (tuple, list)) else (device,) * ncol))
@@ -263,10 +271,8 @@ def column_overlap(model, x: torch.Tensor, steps: int = 3, trace: str | None = N
     GPU: lanes are the (device, stream) pairs the kernels ran on; CPU emulation: lanes are the columns'
     profiler ranges (`splitnet.column<c>` forward, `.backward` backward, recorded by model/concurrent.py).
     With `trace`, the Chrome trace is kept there (open it in chrome://tracing or Perfetto)."""
-    import re
-    import tempfile
 
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile  # here: only the overlap measurement profiles
 
     cuda = any(d.type == "cuda" for d in model.devices)
     y = torch.zeros(x.shape[0], dtype=torch.int64, device=model.devices[model.layout.head])
@@ -310,7 +316,6 @@ def column_overlap(model, x: torch.Tensor, steps: int = 3, trace: str | None = N
     if trace:
         res["trace"] = str(path)
     else:
-        import shutil
         shutil.rmtree(path.parent, ignore_errors=True)
     return res
 
@@ -319,10 +324,7 @@ def column_overlap(model, x: torch.Tensor, steps: int = 3, trace: str | None = N
 def _synthetic_cache(per_class: int, workers: int):
     """A temporary prepared synthetic set (10 classes x per_class training images): yields (cache
     folder, images packed, seconds the preparation took); removed afterwards."""
-    import shutil
-    import tempfile
 
-    from ..data import make_synthetic, prepare
 
     tmp = Path(tempfile.mkdtemp(prefix="splitnet-bench-"))
     try:
@@ -367,7 +369,6 @@ def _count(batches, step, devices, skip: int) -> tuple:
 
 def data_path(batch: int = 128, train_images_per_s: float | None = None) -> dict:
     """Images/s of preparation (decode) and of the cached training path, on a synthetic folder."""
-    from ..data import DataConfig, make_loader
 
     threads = torch.get_num_threads()
     with _synthetic_cache(per_class=60, workers=1) as (cache, packed, seconds):
@@ -397,8 +398,6 @@ def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: i
     do all of it and send float32 crops. Synthetic 256x256 images, 10 classes x `per_class` (the
     default: 46 batches of 128, a few hundred milliseconds of a fast GPU's training).
     """
-    from ..data import DataConfig, DeviceBatches, make_loader
-    from ..model.columns import SplitAlexNet
 
     dev = torch.device(device)
     workers = workers if workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -447,11 +446,7 @@ def train_loop_rate(cache, devices, batch: int, mode: str, workers: int) -> floa
     epoch's batches less one, timed by the wall clock of its metrics records after the first
     `workers + 2` steps (worker start-up, cuDNN's first calls). No evaluation, one checkpoint at
     the end (outside the timed records)."""
-    import tempfile
 
-    from ..data import PackedDataset
-    from ..train.config import load_config
-    from ..train.loop import read_metrics, train
 
     steps = len(PackedDataset(cache, "train")) // batch - 1
     skip = workers + 2
@@ -467,9 +462,6 @@ def train_loop_rate(cache, devices, batch: int, mode: str, workers: int) -> floa
 
 def distributed_vs_single(batch: int = 32, steps: int = 4) -> dict:
     """Run bench/dist.py in one process and under torchrun with 2 ranks (gloo on the CPU)."""
-    import socket
-    import subprocess
-    import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="splitnet-bdist-"))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep +
@@ -585,7 +577,6 @@ def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True, p
         if place not in ("cpu", "cuda", "cuda2"):
             raise ValueError(f"unknown placement {place!r} (cpu, cuda, cuda2)")
         if place.startswith("cuda") and ngpu < (2 if place == "cuda2" else 1):
-            from ..model.placement import DeviceError
             raise DeviceError(f"placement {place!r} asked for, but only {ngpu} CUDA device(s) are present")
         if place == "cpu":
             res["cpu"] = compare(layout, "cpu", batch, reps, compile_backend=compile_backend)
@@ -612,7 +603,6 @@ def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True, p
 
 def _overlaps(place: str, layout: str, batch: int, trace_dir) -> dict:
     """Profiler-measured overlap of the columns for the placement's concurrent strategies."""
-    from ..model.columns import SplitAlexNet
     cases = {"cpu": [("cpu_threads", "cpu", "threads")],
              "cuda": [("cuda_streams", "cuda:0", "streams"), ("cuda_sequential", "cuda:0", "sequential")],
              "cuda2": [("cuda2", ("cuda:0", "cuda:1"), "sequential")]}[place]

@@ -23,10 +23,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..model.columns import SplitAlexNet
+from ..train import distributed as D
+from ..train.config import TrainConfig
+from ..train.distributed import world_from_env
+from ..train.memory import keep_freed_memory
+
 
 def _timed_gather(layer_times):
     """Wrap distributed._GatherColumns so each call's collective time is added to layer_times[layer]."""
-    from ..train import distributed as D
 
     orig_fwd, orig_bwd = D._GatherColumns.forward, D._GatherColumns.backward
 
@@ -53,23 +58,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    from ..train.memory import keep_freed_memory
     keep_freed_memory()  # as `splitnet train` does, in both the single process and every rank
-    from ..train.distributed import world_from_env
-    from ..train.config import TrainConfig
 
     world = world_from_env()
     torch.manual_seed(0)
     layer_times: dict = {}
     if world > 1:
-        from ..train import distributed as D
         mesh = D.init_mesh(2, timeout_s=300)
         _timed_gather(layer_times)
         model = D.build_model(TrainConfig(), 1000, mesh)
         b = args.batch // mesh.replicas
         dev = mesh.device
     else:
-        from ..model.columns import SplitAlexNet
         mesh = None
         model = SplitAlexNet(1000, devices="cpu")
         b = args.batch

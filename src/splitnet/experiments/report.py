@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from ..train import checkpoint as ckpt
-from ..train.evaluate import evaluate_checkpoints
-from .figures import figure3, figure4, training_curves
+from ..data import resolve_data
 from ..model.placement import describe
+from ..train import checkpoint as ckpt
 from ..train.config import load_config
-from ..train.loop import read_metrics, resolve_data, train
+from ..train.evaluate import evaluate_checkpoints, format_rows
+from ..train.loop import read_metrics, train
+from .figures import figure3, figure4, training_curves
 
 log = logging.getLogger("splitnet")
 
@@ -199,7 +200,6 @@ def _report(cfg, cfg_path, runs, rows, fig3, fig4, metrics, run_info, data_desc,
         "## All evaluations",
         "",
     ]
-    from ..train.evaluate import format_rows
     lines.append(format_rows(rows))
     return "\n".join(lines) + "\n"
 

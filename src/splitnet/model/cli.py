@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from .layout import get_layout, layouts
+
 
 def register(sub) -> None:
     p = sub.add_parser("layouts", help="list the built-in layouts, or show one as a table")
@@ -13,7 +15,6 @@ def register(sub) -> None:
 
 
 def _layouts(args) -> int:
-    from .layout import get_layout, layouts
 
     names = [args.name] if args.name else layouts()
     if args.json:

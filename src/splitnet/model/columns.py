@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import concurrent as _concurrent
 from .. import config as _config
+from ..data.rng import derive_seed
+from . import concurrent as _concurrent
 from .config import ModelConfig
+from .convert import grouped_state_dict, load_grouped_state_dict
 from .exchange import LocalExchange
 from .layers import LocalResponseNorm, PaperDropout, activation
-from ..data.rng import derive_seed
 from .layout import LAYER_NAMES, Layout, apply_model_options, get_geometry, get_layout, init_gain_factors
 from .placement import describe, resolve_devices
 
@@ -264,11 +265,9 @@ class SplitAlexNet(nn.Module):
 
     # ---- single-device equivalent (convert.py) --------------------------------------------
     def grouped_state_dict(self) -> dict:
-        from .convert import grouped_state_dict
         return grouped_state_dict(self)
 
     def load_grouped_state_dict(self, state: dict) -> None:
-        from .convert import load_grouped_state_dict
         load_grouped_state_dict(self, state)
 
     def extra_repr(self) -> str:

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import from_dict, replace
+from ..model.columns import SplitAlexNet
 from ..model.convert import check_grouped, gather_grouped, scatter_grouped
+from .config import TrainConfig
 
 FORMAT = 1
 
@@ -79,9 +82,6 @@ def restore_model(model, ck: dict, optimizer=None) -> None:
 
 def model_from_checkpoint(ck: dict, devices=None):
     """(SplitAlexNet with the checkpoint's weights, its TrainConfig, its class names)."""
-    from ..config import from_dict, replace
-    from ..model.columns import SplitAlexNet
-    from .config import TrainConfig
 
     cfg = from_dict(TrainConfig, ck["config"])
     classes = list(ck["classes"])

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, from_dict, to_dict
-from ..model.config import ModelConfig
 from ..data.config import DataConfig
+from ..model.concurrent import STRATEGIES
+from ..model.config import ModelConfig
+from ..model.precision import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -85,10 +87,8 @@ class TrainConfig:
         for key in ("batch_size", "epochs", "eval_every", "eval_batch_size", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        from ..model.concurrent import STRATEGIES
         if self.concurrency not in STRATEGIES:
             raise ConfigError(f"concurrency: {self.concurrency!r} is not one of {', '.join(STRATEGIES)}")
-        from ..model.precision import PRECISIONS
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.input_device not in ("auto", "cpu", "device"):

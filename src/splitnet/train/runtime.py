@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from . import checkpoint as ckpt
+from ..config import replace
+from ..model.columns import SplitAlexNet, model_layout
 from ..model.convert import grouped_from_columns
+from . import checkpoint as ckpt
+from . import distributed as D
+from .distributed import world_from_env
 
 
 class LocalRuntime:
@@ -18,8 +22,6 @@ class LocalRuntime:
     rank = 0
 
     def build_model(self, cfg, num_classes: int):
-        from ..config import replace
-        from ..model.columns import SplitAlexNet
         return SplitAlexNet(config=replace(cfg.model, num_classes=num_classes), devices=tuple(cfg.devices) or None,
                             concurrency=cfg.concurrency)
 
@@ -55,7 +57,6 @@ class LocalRuntime:
 
 class DistRuntime(LocalRuntime):
     def __init__(self, columns: int, timeout_s: float):
-        from . import distributed as D
         self.D = D
         self.mesh = D.init_mesh(columns, timeout_s)
         self.is_main = self.mesh.is_main
@@ -114,8 +115,6 @@ def _why(signalled: bool, out_of_time: bool):
 
 
 def make_runtime(cfg):
-    from .distributed import world_from_env
-    from ..model.columns import model_layout
     if world_from_env() > 1:
         return DistRuntime(model_layout(cfg.model.layout, cfg.model).columns, cfg.dist_timeout_s)
     return LocalRuntime()
