@@ -145,7 +145,6 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
     compile_backend: also time torch.compile(backend=...) of the sequential split model and of the
     grouped network ("split_sequential_compiled", "grouped_compiled"; dropout from the global RNG, as
     here). The threads strategy is not compiled (its columns run in worker threads)."""
-
     ncol = get_layout(layout).columns
     devices = tuple(torch.device(d) for d in (device if isinstance(device, (tuple, list)) else (device,) * ncol))
     base = torch.device(baseline_device) if baseline_device else devices[0]
@@ -271,7 +270,6 @@ def column_overlap(model, x: torch.Tensor, steps: int = 3, trace: str | None = N
     GPU: lanes are the (device, stream) pairs the kernels ran on; CPU emulation: lanes are the columns'
     profiler ranges (`splitnet.column<c>` forward, `.backward` backward, recorded by model/concurrent.py).
     With `trace`, the Chrome trace is kept there (open it in chrome://tracing or Perfetto)."""
-
     from torch.profiler import ProfilerActivity, profile  # here: only the overlap measurement profiles
 
     cuda = any(d.type == "cuda" for d in model.devices)
@@ -324,8 +322,6 @@ def column_overlap(model, x: torch.Tensor, steps: int = 3, trace: str | None = N
 def _synthetic_cache(per_class: int, workers: int):
     """A temporary prepared synthetic set (10 classes x per_class training images): yields (cache
     folder, images packed, seconds the preparation took); removed afterwards."""
-
-
     tmp = Path(tempfile.mkdtemp(prefix="splitnet-bench-"))
     try:
         root = make_synthetic(tmp / "src", seed=0, classes=10, train_per_class=per_class, val_per_class=1,
@@ -369,7 +365,6 @@ def _count(batches, step, devices, skip: int) -> tuple:
 
 def data_path(batch: int = 128, train_images_per_s: float | None = None) -> dict:
     """Images/s of preparation (decode) and of the cached training path, on a synthetic folder."""
-
     threads = torch.get_num_threads()
     with _synthetic_cache(per_class=60, workers=1) as (cache, packed, seconds):
         decode = packed / seconds
@@ -398,7 +393,6 @@ def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: i
     do all of it and send float32 crops. Synthetic 256x256 images, 10 classes x `per_class` (the
     default: 46 batches of 128, a few hundred milliseconds of a fast GPU's training).
     """
-
     dev = torch.device(device)
     workers = workers if workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
     with _synthetic_cache(per_class, workers) as (cache, _, _):
@@ -446,8 +440,6 @@ def train_loop_rate(cache, devices, batch: int, mode: str, workers: int) -> floa
     epoch's batches less one, timed by the wall clock of its metrics records after the first
     `workers + 2` steps (worker start-up, cuDNN's first calls). No evaluation, one checkpoint at
     the end (outside the timed records)."""
-
-
     steps = len(PackedDataset(cache, "train")) // batch - 1
     skip = workers + 2
     if steps < skip + 2:
@@ -462,7 +454,6 @@ def train_loop_rate(cache, devices, batch: int, mode: str, workers: int) -> floa
 
 def distributed_vs_single(batch: int = 32, steps: int = 4) -> dict:
     """Run bench/dist.py in one process and under torchrun with 2 ranks (gloo on the CPU)."""
-
     tmp = Path(tempfile.mkdtemp(prefix="splitnet-bdist-"))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep +
                os.environ.get("PYTHONPATH", ""))

@@ -32,7 +32,6 @@ from ..train.memory import keep_freed_memory
 
 def _timed_gather(layer_times):
     """Wrap distributed._GatherColumns so each call's collective time is added to layer_times[layer]."""
-
     orig_fwd, orig_bwd = D._GatherColumns.forward, D._GatherColumns.backward
 
     def fwd(ctx, x, group, columns, index):

@@ -13,7 +13,6 @@ from .synth import DEFAULTS, make_synthetic
 
 
 def register(sub) -> None:
-
     p = sub.add_parser("data", help="make the synthetic set; prepare a folder of class folders into a cache")
     actions = p.add_subparsers(dest="data_action", metavar="ACTION")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -54,7 +53,6 @@ def register(sub) -> None:
 
 
 def _synth(args) -> int:
-
     root = make_synthetic(args.out, seed=args.seed, classes=args.classes, train_per_class=args.train_per_class,
                           val_per_class=args.val_per_class, workers=args.workers)
     print(f"synthetic set in {root} (see {Path(root) / 'SYNTHETIC.txt'})")
@@ -62,7 +60,6 @@ def _synth(args) -> int:
 
 
 def _prepare(args) -> int:
-
     cfg = _config.from_dict(DataConfig, {
         "prepare_workers": args.workers, "strict": args.strict, "max_bad_fraction": args.max_bad_fraction,
         "shard_size": args.shard_size, "image_size": args.image_size or _default_size(args.src), "resample": args.resample,
@@ -82,7 +79,6 @@ def _default_size(src) -> int:
 
 
 def _info(args) -> int:
-
     info = C.read_info(args.cache)
     stats = json.loads((Path(args.cache) / C.STATS_JSON).read_text())
     if args.json:

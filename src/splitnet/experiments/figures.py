@@ -77,7 +77,6 @@ def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     train_ds, val_ds = PackedDataset(cache, "train"), PackedDataset(cache, "val")
     classes = train_ds.classes
     g = torch.Generator().manual_seed(seed)

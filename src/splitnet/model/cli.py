@@ -15,7 +15,6 @@ def register(sub) -> None:
 
 
 def _layouts(args) -> int:
-
     names = [args.name] if args.name else layouts()
     if args.json:
         out = {}

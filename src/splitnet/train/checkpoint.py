@@ -82,7 +82,6 @@ def restore_model(model, ck: dict, optimizer=None) -> None:
 
 def model_from_checkpoint(ck: dict, devices=None):
     """(SplitAlexNet with the checkpoint's weights, its TrainConfig, its class names)."""
-
     cfg = from_dict(TrainConfig, ck["config"])
     classes = list(ck["classes"])
     mcfg = replace(cfg.model, num_classes=len(classes))

@@ -159,7 +159,6 @@ class DistExchange:
 
 def build_model(cfg, num_classes: int, mesh: Mesh):
     """This rank's SplitAlexNet: the full network initialised as in one process, then only its column kept."""
-
     mcfg = replace(cfg.model, num_classes=num_classes)
     model = SplitAlexNet(config=mcfg, devices=(mesh.device,) * mesh.columns, local_columns=(mesh.column,))
     if model.layout.columns != mesh.columns:
@@ -205,7 +204,6 @@ def reduce_scalars(values, mesh: Mesh, op=dist.ReduceOp.SUM) -> list:
 def gather_columns(model, optimizer, mesh: Mesh):
     """On rank 0: (per-column weights, per-column velocities) of replica 0, for a grouped checkpoint.
     Other ranks return (None, None). Collective over replica 0's column group."""
-
     if mesh.replica != 0:
         return None, None
     c = mesh.column
