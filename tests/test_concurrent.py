@@ -93,7 +93,7 @@ def test_inference_and_exchanges_match_sequential():
 
 def test_columns_really_run_at_the_same_time():
     """The profiler sees column 0 and column 1 busy at once (one worker thread each)."""
-    from splitnet.bench.cli import column_overlap
+    from splitnet.bench.model import column_overlap
     _, thr = _pair()
     res = column_overlap(thr, _x(), steps=2)
     assert res["lanes"] == 2

@@ -82,7 +82,7 @@ def test_fast_paths_on_one_gpu_match_the_cpu(mode, tol):
 
 @pytest.mark.skipif(ngpu < 1, reason="needs a CUDA device")
 def test_streams_overlap_is_measured_on_the_gpu():
-    from splitnet.bench.cli import column_overlap
+    from splitnet.bench.model import column_overlap
     m = splitnet.SplitAlexNet(num_classes=10, devices="cuda:0", concurrency="streams")
     res = column_overlap(m, torch.randn(16, 3, 224, 224, device="cuda:0") * 60, steps=2)
     assert res["lanes"] >= 2 and res["busy_s"] > 0  # kernels on two streams (how much they overlap: bench)
