@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from splitnet import distributed as D
-from splitnet.convert import column_tensors
-from splitnet.runconfig import TrainConfig
+from splitnet.train import distributed as D
+from splitnet.model.convert import column_tensors
+from splitnet.train.config import TrainConfig
 
 
 def main(out, batch):

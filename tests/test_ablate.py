@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import splitnet
-from splitnet.ablate import experiment_names, load_experiment, run_ablations
+from splitnet.experiments.ablate import experiment_names, load_experiment, run_ablations
 from splitnet.data import ensure_cache, make_synthetic
-from splitnet.fig1 import FourLayerCNN, epochs_to, figure1
-from splitnet.model import model_layout
+from splitnet.experiments.fig1 import FourLayerCNN, epochs_to, figure1
+from splitnet.model.columns import model_layout
 
 EXPECTED = {"paper", "dense", "towers", "conv5-cross", "four-columns", "one-gpu", "one-column", "no-lrn",
             "lrn-code", "lrn-all", "pool-2x2", "tanh", "no-dropout", "inverted-dropout", "no-lighting",
@@ -40,7 +40,7 @@ def test_experiment_changes_are_what_they_say():
 
 def test_lrn_across_all_columns_equals_the_single_device_lrn():
     """lrn-all: the split model normalises across all 96 maps, as one dense LRN over the concatenation."""
-    from splitnet.grouped import GroupedAlexNet
+    from splitnet.model.grouped import GroupedAlexNet
     torch.manual_seed(0)
     cfg = load_experiment("lrn-all")[0].model
     m = splitnet.SplitAlexNet(num_classes=10, config=cfg, devices=("cpu", "cpu")).eval()
@@ -81,7 +81,7 @@ def test_runner_fills_every_column_and_resumes(tiny, tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("retrained a finished experiment")
-    monkeypatch.setattr("splitnet.ablate.train", boom)
+    monkeypatch.setattr("splitnet.experiments.ablate.train", boom)
     run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets, time_reps=1)
     assert (tmp_path / "runs" / "paper-seed0" / "checkpoint.pt").stat().st_mtime == mtime
 

@@ -30,7 +30,7 @@ def test_bench_tiny(tmp_path, capsys):
 
 
 def test_busy_overlap_against_hand_computed_intervals():
-    from splitnet.bench import busy_overlap
+    from splitnet.bench.model import busy_overlap
     r = busy_overlap({0: [(0, 4), (3, 6)], 1: [(5, 8)], 2: [(20, 21)]})
     assert (r["busy"], r["both"]) == (9, 1)  # busy 0..8 and 20..21; two lanes at once in 5..6
     assert busy_overlap({0: [(0, 1)], 1: [(1, 2)]})["overlap"] == 0  # back to back: no overlap
@@ -40,7 +40,7 @@ def test_busy_overlap_against_hand_computed_intervals():
 def test_precision_modes_restore_flags_and_autocast():
     import pytest
     import torch
-    from splitnet.precision import precision
+    from splitnet.model.precision import precision
     before = torch.backends.cuda.matmul.allow_tf32
     with precision("bf16", "cpu"):
         assert torch.is_autocast_enabled("cpu") and torch.backends.cuda.matmul.allow_tf32
@@ -53,7 +53,7 @@ def test_precision_modes_restore_flags_and_autocast():
 
 def test_distributed_bench_tiny():
     """2 gloo ranks under torchrun vs one process: both run, the exchanges are timed per layer."""
-    from splitnet.bench import distributed_vs_single
+    from splitnet.bench.dist import distributed_vs_single
     d = distributed_vs_single(batch=2, steps=1)
     assert d["single_step_s"] > 0 and d["ranks2_step_s"] > 0
     assert set(d["exchange_share"]) == {"conv3", "fc6", "fc7", "fc8"}
@@ -62,7 +62,7 @@ def test_distributed_bench_tiny():
 
 def test_input_path_bench_tiny():
     """The cache-fed training measurement runs both input paths end to end (here on the CPU)."""
-    from splitnet.bench import input_path
+    from splitnet.bench.data import input_path
     r = input_path("cpu", batch=4, mode="fp32", workers=1, per_class=3, epochs=1)
     for key in ("train_images_per_s_on_device_batches", "train_images_per_s_device_input",
                 "train_images_per_s_cpu_input", "train_loop_images_per_s"):
@@ -73,7 +73,7 @@ def test_input_path_bench_tiny():
 def test_compiled_variants_run_and_are_reported():
     """--compile times torch.compile'd nets beside the others (backend "eager" here: dynamo's tracing
     without code generation, so the test stays fast)."""
-    from splitnet.bench import compare
+    from splitnet.bench.model import compare
     r = compare("paper", "cpu", batch=2, reps=1, num_classes=10, compile_backend="eager")
     assert r["compile_backend"] == "eager"
     for name in ("split_sequential_compiled", "grouped_compiled"):

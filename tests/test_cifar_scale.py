@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 import splitnet
 from reference import COLUMNS, GROUPS, reference_forward, rel
-from splitnet.ablate import experiment_names, load_experiment, run_ablations
+from splitnet.experiments.ablate import experiment_names, load_experiment, run_ablations
 from splitnet.config import ConfigError
 from splitnet.data import ensure_cache, make_synthetic
 from splitnet.data.config import DataConfig
-from splitnet.fig1 import FourLayerCNN, balanced_indices, epochs_to, small_images, train_error
-from splitnet.layout import LAYER_NAMES, get_layout, init_gain_factors
+from splitnet.experiments.fig1 import FourLayerCNN, balanced_indices, epochs_to, small_images, train_error
+from splitnet.model.layout import LAYER_NAMES, get_layout, init_gain_factors
 
 # The paper network's fan-ins (§3.5, Figure 2), typed from the paper: conv1 11*11*3, conv2 5*5*48,
 # conv3 3*3*256, conv4 and conv5 3*3*192, fc6 6*6*256, fc7 and fc8 4096.

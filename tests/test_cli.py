@@ -30,7 +30,7 @@ def test_python_dash_m():
 
 def test_keep_freed_memory_takes_on_glibc_and_can_be_switched_off(monkeypatch):
     import platform
-    from splitnet.memory import keep_freed_memory
+    from splitnet.train.memory import keep_freed_memory
     if platform.libc_ver()[0] == "glibc":
         assert keep_freed_memory() is True
     monkeypatch.setenv("SPLITNET_MALLOC", "default")

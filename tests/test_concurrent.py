@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import splitnet
-from splitnet import concurrent as C
+from splitnet.model import concurrent as C
 from reference import rel
 
 B = 3
@@ -93,7 +93,7 @@ def test_inference_and_exchanges_match_sequential():
 
 def test_columns_really_run_at_the_same_time():
     """The profiler sees column 0 and column 1 busy at once (one worker thread each)."""
-    from splitnet.bench import column_overlap
+    from splitnet.bench.model import column_overlap
     _, thr = _pair()
     res = column_overlap(thr, _x(), steps=2)
     assert res["lanes"] == 2
@@ -118,7 +118,7 @@ def test_auto_and_refusals(monkeypatch):
     assert splitnet.SplitAlexNet(10, "paper", devices="cpu", lrn_scope="all").strategy == "sequential"
     with pytest.raises(ValueError, match="concurrency: 'fast'"):
         splitnet.SplitAlexNet(10, "paper", devices="cpu", concurrency="fast")
-    from splitnet.runconfig import TrainConfig
+    from splitnet.train.config import TrainConfig
     from splitnet.config import ConfigError
     with pytest.raises(ConfigError, match="concurrency"):
         TrainConfig(concurrency="fast")
@@ -126,8 +126,8 @@ def test_auto_and_refusals(monkeypatch):
 
 def test_fast_paths_equal_the_grouped_network_bf16_and_channels_last():
     """bf16 autocast (carried into the column threads) to bf16 tolerance; channels_last exactly as fp32."""
-    from splitnet.precision import precision
-    from splitnet.grouped import GroupedAlexNet
+    from splitnet.model.precision import precision
+    from splitnet.model.grouped import GroupedAlexNet
     _, thr = _pair()
     g = GroupedAlexNet(thr.config)
     g.load_state_dict(thr.grouped_state_dict())

@@ -1,7 +1,8 @@
 import pytest
 
 import splitnet
-from splitnet.config import ConfigError, ModelConfig, from_dict, to_dict
+from splitnet.config import ConfigError, from_dict, to_dict
+from splitnet.model.config import ModelConfig
 
 
 def test_defaults_are_the_papers():
@@ -37,7 +38,7 @@ def test_roundtrip():
 
 
 def test_bad_precision_names_it():
-    from splitnet.runconfig import TrainConfig, load_config
+    from splitnet.train.config import TrainConfig, load_config
     assert TrainConfig().precision == "fp32"  # the paper's arithmetic unless asked
     with pytest.raises(ConfigError, match="precision: 'fp16' is not one of fp32, tf32, bf16, bf16_cl"):
         load_config(None, ['precision="fp16"'])

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 import splitnet
 from reference import rel
-from splitnet import checkpoint as ckpt
-from splitnet.convert import column_tensors, grouped_from_columns
+from splitnet.train import checkpoint as ckpt
+from splitnet.model.convert import column_tensors, grouped_from_columns
 from splitnet.data import ensure_cache, make_synthetic
-from splitnet.runconfig import load_config
-from splitnet.train import evaluate_split, read_metrics, train
+from splitnet.train.config import load_config
+from splitnet.train.evaluate import evaluate_split
+from splitnet.train.loop import read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.toml"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import splitnet
-from splitnet.layout import get_layout
+from splitnet.model.layout import get_layout
 
 
 def test_paper_exchanges_at_conv3_fc6_fc7_fc8_only():

@@ -62,7 +62,7 @@ def _train_grads(m, x, y):
 def test_fast_paths_on_one_gpu_match_the_cpu(mode, tol):
     """Both columns on cuda:0, sequential and on two CUDA streams, in each numeric mode the benchmark
     times: logits and every gradient against the CPU model (fp32), to that mode's tolerance."""
-    from splitnet.precision import memory_format, precision
+    from splitnet.model.precision import memory_format, precision
     torch.manual_seed(0)
     cpu = splitnet.SplitAlexNet(num_classes=10, devices="cpu", concurrency="sequential").eval()
     x = torch.randn(8, 3, 224, 224) * 60
@@ -82,7 +82,7 @@ def test_fast_paths_on_one_gpu_match_the_cpu(mode, tol):
 
 @pytest.mark.skipif(ngpu < 1, reason="needs a CUDA device")
 def test_streams_overlap_is_measured_on_the_gpu():
-    from splitnet.bench import column_overlap
+    from splitnet.bench.model import column_overlap
     m = splitnet.SplitAlexNet(num_classes=10, devices="cuda:0", concurrency="streams")
     res = column_overlap(m, torch.randn(16, 3, 224, 224, device="cuda:0") * 60, steps=2)
     assert res["lanes"] >= 2 and res["busy_s"] > 0  # kernels on two streams (how much they overlap: bench)
@@ -109,8 +109,8 @@ def test_training_on_one_gpu_calibrates_and_tracks_the_cpu(tmp_path):
     run's losses to bf16 accuracy."""
     import json
     from splitnet.data import ensure_cache, make_synthetic
-    from splitnet.runconfig import load_config
-    from splitnet.train import read_metrics, train
+    from splitnet.train.config import load_config
+    from splitnet.train.loop import read_metrics, train
     root = make_synthetic(tmp_path / "syn", seed=1, classes=4, train_per_class=8, val_per_class=2)
     cache = ensure_cache(root, tmp_path / "home")
     losses = {}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from reference import lrn_formula
-from splitnet.layers import LocalResponseNorm, PaperDropout
+from splitnet.model.layers import LocalResponseNorm, PaperDropout
 
 
 def test_lrn_paper_formula_by_hand():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import splitnet
-from splitnet.layout import LayerRow, Layout, LayoutError, get_layout, make_layout, with_rows
+from splitnet.model.layout import LayerRow, Layout, LayoutError, get_layout, make_layout, with_rows
 
 
 def test_builtin_layouts_listed():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from splitnet.optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
+from splitnet.train.optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
 
 
 def _hand(w, v, g, eps, mu=0.9, wd=5e-4):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import splitnet
-from splitnet.placement import DeviceError, resolve_devices
+from splitnet.model.placement import DeviceError, resolve_devices
 
 
 def test_explicit_and_replicated():

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitnet import checkpoint as ckpt
+from splitnet.train import checkpoint as ckpt
 from splitnet.cli import main
 from splitnet.data import ensure_cache, make_synthetic
-from splitnet.evaluate import ensemble, predict_probs, topk_errors
-from splitnet.runconfig import load_config
-from splitnet.train import TrainingError, read_metrics, train
+from splitnet.train.evaluate import ensemble, predict_probs, topk_errors
+from splitnet.train.config import load_config
+from splitnet.train.loop import TrainingError, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.toml"
@@ -102,7 +102,7 @@ def test_evaluation_on_the_device_path_equals_the_cpu_path(tiny_cache, straight_
     probabilities as the workers' float batches."""
     from splitnet.config import replace
     from splitnet.data import PackedDataset
-    from splitnet.train import evaluate_split
+    from splitnet.train.evaluate import evaluate_split
     model, cfg, _ = ckpt.model_from_checkpoint(ckpt.load(straight_run / "checkpoint.pt"), devices="cpu")
     ds = PackedDataset(tiny_cache, "val")
     for ten in (False, True):

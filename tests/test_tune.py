@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import splitnet
-from splitnet import concurrent as C
-from splitnet.tune import calibrate, worth_calibrating
+from splitnet.model import concurrent as C
+from splitnet.model.tune import calibrate, worth_calibrating
 
 
 def _model():

@@ -1,9 +1,10 @@
 """splitnet: the two-GPU AlexNet of Krizhevsky, Sutskever & Hinton (NIPS 2012), as the paper laid it out."""
-from .config import ConfigError, ModelConfig
-from .exchange import ExchangeEvent, record_exchanges
-from .layout import Layout, LayerRow, LayoutError, get_layout, layouts, make_layout
-from .model import SplitAlexNet
-from .placement import DeviceError
+from .config import ConfigError
+from .model.config import ModelConfig
+from .model.exchange import ExchangeEvent, record_exchanges
+from .model.layout import Layout, LayerRow, LayoutError, get_layout, layouts, make_layout
+from .model.columns import SplitAlexNet
+from .model.placement import DeviceError
 
 __version__ = "0.1.0"
 

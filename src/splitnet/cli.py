@@ -12,20 +12,21 @@ import logging
 import sys
 
 from .config import ConfigError
-from .layout import LayoutError
-from .placement import DeviceError
+from .model.layout import LayoutError
+from .model.placement import DeviceError
+from .train.distributed import DistributedError
+from .train.loop import TrainingError
+from .train.memory import keep_freed_memory
 
 # Modules that contribute subcommands, in the order `splitnet --help` lists them.
-COMMAND_MODULES = ("splitnet.commands", "splitnet.data.cli", "splitnet.train", "splitnet.evaluate",
-                   "splitnet.report", "splitnet.ablate", "splitnet.bench")
+COMMAND_MODULES = ("splitnet.model.cli", "splitnet.data.cli", "splitnet.train.loop", "splitnet.train.evaluate",
+                   "splitnet.experiments.report", "splitnet.experiments.ablate", "splitnet.bench.cli")
 
 USER_ERRORS = (ConfigError, LayoutError, DeviceError, FileNotFoundError, NotADirectoryError)
 
 
 def _user_errors() -> tuple:
     """Errors printed as one line: the user's input or a run that cannot go on, not a bug."""
-    from .distributed import DistributedError
-    from .train import TrainingError
     return USER_ERRORS + (TrainingError, DistributedError)
 
 
@@ -48,7 +49,6 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .memory import keep_freed_memory
     keep_freed_memory()  # large activations reuse freed memory instead of fresh pages every step
     try:
         return int(args.func(args) or 0)

@@ -1,20 +1,23 @@
 """The input pipeline (§2, §4.1): ImageNet-style folders -> a packed uint8 cache -> augmented batches.
 
     splitnet data synth --out ROOT         the built-in synthetic set (synth.py)
-    splitnet data prepare --src ROOT --out CACHE   decode once (preparation.py, decode.py, stats.py, cache.py)
+    splitnet data prepare --src ROOT --out CACHE   decode once (preparation.py, archive.py for CIFAR-10,
+                                                   decode.py, stats.py, shards.py, cache.py)
+    resolve_data(DataConfig)                       a run's cache, prepared once if needed (resolve.py)
     make_loader(CACHE, "train", 128, seed, epoch)  batches for training / evaluation (loader.py, pipeline.py)
 
     DeviceBatches(make_loader(..., raw=True), "cuda:0")   the same batches finished on the GPU (device_input.py)
 
 transforms.py holds the paper's transforms, one small function each.
 """
-from .cache import ensure_cache, is_cache
+from .cache import is_cache
 from .config import DataConfig, DataError
 from .device_input import DeviceBatches
 from .loader import BatchLoader, PackedDataset, epoch_order, make_loader
 from .preparation import prepare
+from .resolve import data_home, ensure_cache, resolve_data
 from .synth import make_synthetic
 
 __all__ = ["DataConfig", "DataError", "PackedDataset", "BatchLoader", "make_loader", "epoch_order", "prepare",
-           "ensure_cache", "is_cache", "make_synthetic",
+           "ensure_cache", "resolve_data", "data_home", "is_cache", "make_synthetic",
            "DeviceBatches"]

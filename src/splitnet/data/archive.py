@@ -6,8 +6,8 @@ pickle written by Python 2 (cPickle): a dict with bytes keys, b"data" a numpy ui
 [10000, 3072] whose rows are the R, G and B planes of a 32x32 image, each plane row-major, and
 b"labels" a list of 10000 ints. batches.meta holds b"label_names" (label i's name is entry i).
 
-What it writes: the cache of cache.py, exactly as folder preparation writes it (preparation.py's
-shards, statistics and _assemble), with train = data_batch_1..5 in that order (50,000 images) and
+What it writes: the cache of cache.py, exactly as folder preparation writes it (shards.py's
+shard plan, statistics and assemble), with train = data_batch_1..5 in that order (50,000 images) and
 val = test_batch (10,000). files.txt names every image by member and row (`data_batch_3#17`).
 At image_size 32 the native pixels are kept bit for bit; any other size resizes each (square) image
 with Pillow and cfg.resample, and says so in the report. A test_batch missing from the archive is an
@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from . import cache as C
-from . import preparation as P
 from . import stats as S
 from .config import DataConfig, DataError
 from .decode import RESAMPLE
+from .shards import Progress, assemble, shard_settings, shard_size_for
 
 try:  # numpy >= 2 (the old name still loads, through a deprecation shim)
     from numpy._core.multiarray import _reconstruct
@@ -281,7 +281,7 @@ def resize(images: np.ndarray, size: int, resample: str) -> np.ndarray:
     shorter side -> size and the central crop of decode.py is the whole image)."""
     if size == NATIVE_SIZE:
         return images
-    from PIL import Image
+    from PIL import Image  # here: only a resize (image_size != 32) needs it
 
     out = np.empty((len(images), 3, size, size), dtype=np.uint8)
     for i, img in enumerate(images):
@@ -371,14 +371,14 @@ def prepare_archive(src, out, cfg: DataConfig | None = None, progress: bool = Tr
     (out / C.MANIFEST).unlink(missing_ok=True)
     notes = _notes(src, contents, cfg)
 
-    settings, archive = P._settings(cfg), _archive_id(src)
+    settings, archive = shard_settings(cfg), _archive_id(src)
     metas, shards = {}, {}
-    bar = P._Progress(sum(len(s.files) for s in contents.splits.values()), progress)
+    bar = Progress(sum(len(s.files) for s in contents.splits.values()), progress)
     try:
         for split, part in contents.splits.items():
             (out / split).mkdir(exist_ok=True)
             n = len(part.files)
-            step = P.shard_size_for(n, cfg.shard_size)
+            step = shard_size_for(n, cfg.shard_size)
             shards[split] = -(-n // step)
             for i, lo in enumerate(range(0, n, step)):
                 hi = min(lo + step, n)
@@ -391,7 +391,7 @@ def prepare_archive(src, out, cfg: DataConfig | None = None, progress: bool = Tr
     finally:
         bar.close()
 
-    info = P._assemble(src, out, cfg, contents.classes, shards, metas)
+    info = assemble(src, out, cfg, contents.classes, shards, metas)
     info["source"] = SOURCE
     report = _report(src, out, contents, metas, "complete", notes)
     C.write_json(out / C.REPORT_JSON, report)

@@ -27,15 +27,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .config import DataConfig, DataError
+from .config import DataError
 
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CACHE_JSON = "cache.json"
@@ -131,38 +129,3 @@ def default_cache_dir(src, work_dir) -> Path:
     src = Path(src).resolve()
     digest = hashlib.sha256(str(src).encode()).hexdigest()[:8]
     return Path(work_dir) / "cache" / f"{src.name}-{digest}"
-
-
-def ensure_cache(data_root_or_cache, work_dir, cfg: DataConfig | None = None) -> Path:
-    """A complete cache for `data_root_or_cache`, preparing it if needed; returns the cache folder.
-
-    A cache (has cache.json): used as it is. A folder of class folders (has train/), or the CIFAR-10
-    python archive (a file, archive.py): prepared into cfg.cache, or WORK/cache/<name>-<hash>; a
-    complete cache there from the same source and image_size is reused without reading the source
-    again (`splitnet data prepare` re-checks a folder for changes), an unfinished one is resumed
-    (an archive is prepared again: there is nothing to resume).
-    """
-    cfg = cfg or DataConfig()
-    path = Path(data_root_or_cache)
-    if is_cache(path):
-        read_info(path)
-        return path
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such folder (expected a prepared cache, ROOT/train/<class>/* "
-                                f"or the CIFAR-10 python archive)")
-    if not path.is_file() and not (path / "train").is_dir():
-        if (path / MANIFEST).exists():
-            read_info(path)  # raises the "unfinished preparation" error
-        raise FileNotFoundError(f"{path}: neither a prepared cache ({CACHE_JSON}) nor a folder of class "
-                                f"folders ({path / 'train'} missing)")
-    out = Path(cfg.cache) if cfg.cache else default_cache_dir(path, work_dir)
-    if is_cache(out):
-        info = read_info(out)
-        if info.get("src") == str(path.resolve()) and info.get("image_size") == cfg.image_size:
-            log.info("data: using the prepared cache %s", out)
-            return out
-    from .preparation import prepare
-
-    log.info("data: preparing %s into %s (once; later runs reuse it)", path, out)
-    prepare(path, out, cfg=cfg)  # a file goes to archive.prepare_archive
-    return out

@@ -4,11 +4,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import config as _config
+from . import cache as C
+from .archive import is_cifar_archive
+from .config import PIL_MAX_IMAGE_PIXELS, DataConfig
+from .preparation import prepare
+from .synth import DEFAULTS, make_synthetic
+
 
 def register(sub) -> None:
-    from .config import PIL_MAX_IMAGE_PIXELS
-    from .synth import DEFAULTS
-
     p = sub.add_parser("data", help="make the synthetic set; prepare a folder of class folders into a cache")
     actions = p.add_subparsers(dest="data_action", metavar="ACTION")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -49,8 +53,6 @@ def register(sub) -> None:
 
 
 def _synth(args) -> int:
-    from .synth import make_synthetic
-
     root = make_synthetic(args.out, seed=args.seed, classes=args.classes, train_per_class=args.train_per_class,
                           val_per_class=args.val_per_class, workers=args.workers)
     print(f"synthetic set in {root} (see {Path(root) / 'SYNTHETIC.txt'})")
@@ -58,10 +60,6 @@ def _synth(args) -> int:
 
 
 def _prepare(args) -> int:
-    from .. import config as _config
-    from .config import DataConfig
-    from .preparation import prepare
-
     cfg = _config.from_dict(DataConfig, {
         "prepare_workers": args.workers, "strict": args.strict, "max_bad_fraction": args.max_bad_fraction,
         "shard_size": args.shard_size, "image_size": args.image_size or _default_size(args.src), "resample": args.resample,
@@ -77,13 +75,10 @@ def _prepare(args) -> int:
 def _default_size(src) -> int:
     """§2's 256 for a folder of photographs; the native 32 for CIFAR-10's archive (upscaling 32-pixel
     images to 256 would only make the cache 64 times larger)."""
-    from .archive import is_cifar_archive
     return 32 if Path(src).is_file() and is_cifar_archive(src) else 256
 
 
 def _info(args) -> int:
-    from . import cache as C
-
     info = C.read_info(args.cache)
     stats = json.loads((Path(args.cache) / C.STATS_JSON).read_text())
     if args.json:

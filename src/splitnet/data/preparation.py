@@ -19,12 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
 import signal
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,15 +30,13 @@ import numpy as np
 from .. import config as _config
 from . import cache as C
 from . import stats as S
+from .archive import prepare_archive
 from .config import DataConfig, DataError
 from .decode import BadImage, load_image
 from .folders import list_source
+from .shards import Progress, assemble, shard_settings, shard_size_for
 
 log = logging.getLogger(__name__)
-
-# Small sets get smaller shards (at least 64 shards per split, never below 32 images) so every core
-# has work; the rule depends on the set's size only, never on the machine.
-MIN_SHARDS, MIN_SHARD_SIZE = 64, 32
 
 
 @dataclass(frozen=True)
@@ -56,16 +51,6 @@ class ShardTask:
     resample: str
     max_pixels: int
     strict: bool
-
-
-def shard_size_for(n_files: int, shard_size: int) -> int:
-    return max(1, min(shard_size, max(MIN_SHARD_SIZE, math.ceil(n_files / MIN_SHARDS))))
-
-
-def _settings(cfg: DataConfig) -> dict:
-    """What a shard's content depends on besides its files; part of every shard key."""
-    return {"format": C.FORMAT_VERSION, "image_size": cfg.image_size, "resample": cfg.resample,
-            "max_image_pixels": cfg.max_image_pixels}
 
 
 def _key(settings: dict, split: str, files) -> str:
@@ -149,36 +134,6 @@ def _record(out: Path, meta: dict) -> None:
         os.fsync(f.fileno())
 
 
-# ---- progress --------------------------------------------------------------------------------------
-class _Progress:
-    """A tqdm bar on a terminal; plain log lines (about every 10% or 30 s) otherwise."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done = total, 0
-        self.t0 = self.last = time.monotonic()
-        self.bar = None
-        self.enabled = enabled and total > 0
-        if self.enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="img", desc="prepare", dynamic_ncols=True)
-
-    def update(self, n: int, what: str) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled:
-            now = time.monotonic()
-            if self.done == self.total or now - self.last > 30 or \
-                    int(10 * self.done / self.total) > int(10 * (self.done - n) / self.total):
-                rate = self.done / max(now - self.t0, 1e-9)
-                log.info("prepare: %d/%d images (%.0f img/s), last finished %s", self.done, self.total, rate, what)
-                self.last = now
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _workers(n: int) -> int:
     if n:
         return n
@@ -220,7 +175,6 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
     if src.is_file():
         # A file can only be an archive. Every file goes to archive.py, not just those is_cifar_archive
         # accepts, so a truncated or foreign one gets its exact fault rather than "not a folder".
-        from .archive import prepare_archive
         return prepare_archive(src, out, cfg, progress=progress)
     if C.is_cache(src):
         raise DataError(f"{src}: already a prepared cache; pass it to training as it is")
@@ -232,7 +186,7 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
     C.remove_temporaries(out)
     (out / C.CACHE_JSON).unlink(missing_ok=True)  # from here until the end the cache is incomplete
 
-    settings = _settings(cfg)
+    settings = shard_settings(cfg)
     plans = {}
     for split, listing in listings.items():
         (out / split).mkdir(exist_ok=True)
@@ -261,7 +215,7 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
     if metas:
         log.info("prepare: resuming: %d of %d shards already finished, %d to do", len(metas), n_shards, len(todo))
 
-    bar = _Progress(sum(len(t.files) for t in todo), progress)
+    bar = Progress(sum(len(t.files) for t in todo), progress)
 
     def check_bad(split: str) -> None:
         skipped = [s for (sp, _), m in sorted(metas.items()) if sp == split for s in m["skipped"]]
@@ -295,7 +249,7 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
     finally:
         bar.close()
 
-    info = _assemble(src, out, cfg, classes, {split: len(tasks) for split, tasks in plans.items()}, metas)
+    info = assemble(src, out, cfg, classes, {split: len(tasks) for split, tasks in plans.items()}, metas)
     report = _write_report(out, src, listings, metas, "complete")
     C.write_json(out / C.CACHE_JSON, info)  # last: the cache is complete
     for split in plans:
@@ -325,44 +279,3 @@ def _write_report(out, src, listings, metas, status) -> dict:
     report = _report(src, out, listings, metas, status)
     C.write_json(Path(out) / C.REPORT_JSON, report)
     return report
-
-
-def _assemble(src: Path, out: Path, cfg: DataConfig, classes: list, shards: dict, metas: dict) -> dict:
-    """Per split: labels.npy, index.npy, files.txt; training statistics; classes.json. Returns cache.json.
-
-    shards: {split: number of shards}, shard i's meta in metas[(split, i)] and its files written
-    (pack_shard's layout). Shared by folder preparation and archive.py (the CIFAR-10 archive)."""
-    splits = {}
-    total = S.empty_stats(cfg.image_size)
-    for split, n_shards in shards.items():
-        folder = out / split
-        labels, index, files, counts = [], [], [], []
-        for i in range(n_shards):
-            m = metas[(split, i)]
-            labels += m["labels"]
-            files += m["files"]
-            index += [(i, r) for r in range(m["count"])]
-            counts.append(m["count"])
-            if split == "train":
-                with np.load(folder / f"{C.shard_stem(i)}.stats.npz") as z:
-                    total = S.add(total, {k: z[k] for k in total})
-        C.write_npy(folder / "labels.npy", np.asarray(labels, dtype=np.int64))
-        C.write_npy(folder / "index.npy", np.asarray(index, dtype=np.int64).reshape(-1, 2))
-        C.atomic_write(folder / "files.txt", "".join(f + "\n" for f in files).encode())
-        for p in folder.glob("shard-*"):  # shards of an earlier, longer plan
-            if int(p.name.split(".")[0][len("shard-"):]) >= n_shards:
-                p.unlink()
-        splits[split] = {"count": len(labels), "shards": counts}
-    if total["count"] == 0:
-        raise DataError(f"{src / 'train'}: no readable training image; see {out / C.REPORT_JSON}")
-    st = S.finalize(total)
-    C.write_npy(out / C.MEAN_NPY, st["mean_image"])
-    C.write_json(out / C.STATS_JSON, {
-        "units": "0..255 pixel values; covariance over every pixel of every packed training image",
-        "images": st["count"], "rgb_mean": st["rgb_mean"].tolist(), "rgb_cov": st["rgb_cov"].tolist(),
-        "eigvals": st["eigvals"].tolist(), "eigvecs": st["eigvecs"].tolist(),
-        "eigvecs_layout": "columns: eigvecs[:, i] is the eigenvector of eigvals[i]"})
-    C.write_json(out / C.CLASSES_JSON, classes)
-    return {"format": C.FORMAT_VERSION, "src": str(src.resolve()), "image_size": cfg.image_size,
-            "array_layout": "uint8 [n, 3, H, W], RGB", "classes": len(classes), "settings": _settings(cfg),
-            "splits": splits}

@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import config as _config
+from ..data.rng import derive_seed
 from . import concurrent as _concurrent
-from . import config as _config
 from .config import ModelConfig
+from .convert import grouped_state_dict, load_grouped_state_dict
 from .exchange import LocalExchange
 from .layers import LocalResponseNorm, PaperDropout, activation
-from .data.rng import derive_seed
 from .layout import LAYER_NAMES, Layout, apply_model_options, get_geometry, get_layout, init_gain_factors
 from .placement import describe, resolve_devices
 
@@ -122,7 +123,7 @@ class Column(nn.Module):
 
 
 class RemoteColumn(nn.Module):
-    """Stands in for a column that lives in another process (distributed.py): no parameters here."""
+    """Stands in for a column that lives in another process (train/distributed.py): no parameters here."""
 
     is_local = False
 
@@ -161,7 +162,7 @@ class SplitAlexNet(nn.Module):
         self.pad, self.input_side = input_spec(cfg)
         self.columns = nn.ModuleList(Column(self.layout, c, cfg) for c in range(self.layout.columns))
         self.reset_parameters()  # every column, so a seed gives the same network on any placement
-        # local_columns: the columns this process holds (distributed.py: one per rank); the others
+        # local_columns: the columns this process holds (train/distributed.py: one per rank); the others
         # become parameter-free stand-ins and their maps arrive through the exchange.
         self.local = tuple(range(self.layout.columns)) if local_columns is None else tuple(local_columns)
         for c in range(self.layout.columns):
@@ -250,7 +251,7 @@ class SplitAlexNet(nn.Module):
     def set_dropout_stream(self, seed: int | None, full_batch: int = 0, offset: int = 0) -> None:
         """Draw the next forward passes' dropout masks from generators seeded by (seed, column, layer),
         as if for a batch of `full_batch` rows of which this batch starts at row `offset`; None goes
-        back to the global RNG. Training sets a new seed every step (train.py), which makes the masks a
+        back to the global RNG. Training sets a new seed every step (train/loop.py), which makes the masks a
         function of (run seed, step) alone: the same on every placement and after a resume."""
         for col in self.columns:
             col.dropout_stream = None if seed is None else (int(seed), int(full_batch), int(offset))
@@ -264,11 +265,9 @@ class SplitAlexNet(nn.Module):
 
     # ---- single-device equivalent (convert.py) --------------------------------------------
     def grouped_state_dict(self) -> dict:
-        from .convert import grouped_state_dict
         return grouped_state_dict(self)
 
     def load_grouped_state_dict(self, state: dict) -> None:
-        from .convert import load_grouped_state_dict
         load_grouped_state_dict(self, state)
 
     def extra_repr(self) -> str:

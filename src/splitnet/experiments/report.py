@@ -15,16 +15,17 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .evaluate import evaluate_checkpoints
+from ..data import resolve_data
+from ..model.placement import describe
+from ..train import checkpoint as ckpt
+from ..train.config import load_config
+from ..train.evaluate import evaluate_checkpoints, format_rows
+from ..train.loop import read_metrics, train
 from .figures import figure3, figure4, training_curves
-from .placement import describe
-from .runconfig import load_config
-from .train import read_metrics, resolve_data, train
 
 log = logging.getLogger("splitnet")
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[3] / "experiments"
 
 # The paper's numbers (paper-spec §5). Top-1 / top-5 error in %.
 PAPER = [
@@ -199,7 +200,6 @@ def _report(cfg, cfg_path, runs, rows, fig3, fig4, metrics, run_info, data_desc,
         "## All evaluations",
         "",
     ]
-    from .evaluate import format_rows
     lines.append(format_rows(rows))
     return "\n".join(lines) + "\n"
 

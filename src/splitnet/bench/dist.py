@@ -1,8 +1,8 @@
 """Training step time under torchrun (one column per rank) against one process, and the time share of
 the exchanges per layer.
 
-    python -m splitnet.bench_dist --out A.json                               # one process (baseline)
-    torchrun --nproc-per-node=2 -m splitnet.bench_dist --out B.json          # 2 gloo ranks / NCCL GPUs
+    python -m splitnet.bench.dist --out A.json                               # one process (baseline)
+    torchrun --nproc-per-node=2 -m splitnet.bench.dist --out B.json          # 2 gloo ranks / NCCL GPUs
 
 Each run times `--steps` training steps (after one warm-up) of the paper layout at `--batch` on random
 data. Under torchrun it also times, on every rank, the collectives of each crossing layer (forward
@@ -10,24 +10,56 @@ all-gather and backward all-reduce, synchronised on the device), and rank 0 writ
   step_s                      median training step time
   exchange_s_per_step[layer]  seconds per step spent in that layer's collectives (rank 0)
   exchange_share[layer]       that, as a share of the step
-`splitnet bench --distributed` runs both and prints the ratio.
+`splitnet bench --distributed` runs both (distributed_vs_single, below) and prints the ratio.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..model.columns import SplitAlexNet
+from ..train import distributed as D
+from ..train.config import TrainConfig
+from ..train.distributed import world_from_env
+from ..train.memory import keep_freed_memory
+
+
+def distributed_vs_single(batch: int = 32, steps: int = 4) -> dict:
+    """Run this module in one process and under torchrun with 2 ranks (gloo on the CPU)."""
+    tmp = Path(tempfile.mkdtemp(prefix="splitnet-bdist-"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep +
+               os.environ.get("PYTHONPATH", ""))
+    common = ["--batch", str(batch), "--steps", str(steps)]
+    subprocess.run([sys.executable, "-m", "splitnet.bench.dist", "--out", str(tmp / "one.json"), *common],
+                   env=env, check=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                    f"--master-port={port}", "-m", "splitnet.bench.dist", "--out", str(tmp / "two.json"), *common],
+                   env=env, check=True)
+    one = json.loads((tmp / "one.json").read_text())
+    two = json.loads((tmp / "two.json").read_text())
+    return {"batch": batch, "single_step_s": one["step_s"], "single_threads": one["threads"],
+            "ranks2_step_s": two["step_s"], "ranks2_threads_per_rank": two["threads"],
+            "ratio_ranks2_over_single": two["step_s"] / one["step_s"],
+            "exchange_s_per_step": two.get("exchange_s_per_step", {}),
+            "exchange_share": two.get("exchange_share", {})}
+
 
 def _timed_gather(layer_times):
     """Wrap distributed._GatherColumns so each call's collective time is added to layer_times[layer]."""
-    from . import distributed as D
-
     orig_fwd, orig_bwd = D._GatherColumns.forward, D._GatherColumns.backward
 
     def fwd(ctx, x, group, columns, index):
@@ -48,28 +80,23 @@ def _timed_gather(layer_times):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m splitnet.bench_dist")
+    p = argparse.ArgumentParser(prog="python -m splitnet.bench.dist")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    from .memory import keep_freed_memory
     keep_freed_memory()  # as `splitnet train` does, in both the single process and every rank
-    from .distributed import world_from_env
-    from .runconfig import TrainConfig
 
     world = world_from_env()
     torch.manual_seed(0)
     layer_times: dict = {}
     if world > 1:
-        from . import distributed as D
         mesh = D.init_mesh(2, timeout_s=300)
         _timed_gather(layer_times)
         model = D.build_model(TrainConfig(), 1000, mesh)
         b = args.batch // mesh.replicas
         dev = mesh.device
     else:
-        from .model import SplitAlexNet
         mesh = None
         model = SplitAlexNet(1000, devices="cpu")
         b = args.batch

@@ -15,26 +15,28 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import tomllib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError, to_dict
+from ..data import PackedDataset, resolve_data
+from ..data.rng import derive_seed
+from ..model.precision import autocast, memory_format, tf32
+from ..model.tune import calibrate, worth_calibrating
 from . import checkpoint as ckpt
-from .data import DataConfig, DeviceBatches, PackedDataset, ensure_cache, make_loader, make_synthetic
-from .data.rng import derive_seed
-from .evaluate import predict_probs, topk_errors
+from .config import TrainConfig, dump_toml, load_config
+from .distributed import DistributedError
+from .evaluate import evaluate_split, input_batches
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
-from .precision import autocast, memory_format, tf32
-from .config import ConfigError
-from .runconfig import TrainConfig, dump_toml, load_config
 from .runtime import make_runtime
-from .tune import calibrate, worth_calibrating
 
 log = logging.getLogger("splitnet")
 
@@ -43,20 +45,6 @@ STREAM_DROPOUT = 3  # derive_seed stream for dropout masks (data/rng.py uses 1 a
 
 class TrainingError(RuntimeError):
     """The run cannot go on (NaN loss, ...); the last good checkpoint is kept."""
-
-
-def data_home() -> Path:
-    """Where the built-in data set and caches live: $SPLITNET_DATA, default runs/data."""
-    return Path(os.environ.get("SPLITNET_DATA", "runs/data"))
-
-
-def resolve_data(dcfg: DataConfig) -> tuple:
-    """(cache folder, description). No data configured: the built-in synthetic set (generated once)."""
-    home = data_home()
-    if dcfg.root:
-        return ensure_cache(dcfg.root, home, dcfg), f"{dcfg.root}"
-    root = make_synthetic(home / "synthetic")
-    return ensure_cache(root, home, dcfg), "built-in synthetic set (splitnet data synth, seed 0)"
 
 
 def git_commit() -> str:
@@ -97,7 +85,6 @@ class _Stop:
 
 
 def threading_main() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 
@@ -110,7 +97,7 @@ class _Progress:
         self.bar = None
         self.enabled = enabled
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
+            from tqdm import tqdm  # here, not at the top: only a terminal gets a bar
             self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
@@ -195,7 +182,6 @@ def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(
     if resume:
         if not (out / "config.toml").is_file():
             raise FileNotFoundError(f"{out}: not a run directory (no config.toml) to resume")
-        import tomllib
         cfg = load_config(None, sets, base=tomllib.loads((out / "config.toml").read_text()))
         ck = ckpt.load(out / "checkpoint.pt") if (out / "checkpoint.pt").exists() else None
     elif cfg is None:
@@ -209,7 +195,6 @@ def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(
         if rt.mesh is None or isinstance(e, TrainingError):
             raise
         # A collective failed: a peer died (connection closed) or hung (timeout). Say so in one line.
-        from .distributed import DistributedError
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise DistributedError(
             f"rank {rt.rank}: a collective failed ({msg}); another rank died or hung for more than "
@@ -261,7 +246,7 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
         Metrics.truncate_to(out / "metrics.jsonl", 0, 0)
     mesh = rt.mesh
     concurrency = {"requested": cfg.concurrency}
-    if mesh is None and worth_calibrating(model):  # a GPU: time the candidates once (tune.py)
+    if mesh is None and worth_calibrating(model):  # a GPU: time the candidates once (model/tune.py)
         tuned = calibrate(model, cfg.batch_size, mode=cfg.precision)
         concurrency["calibration_step_s"] = tuned["step_s"]
         log.info("train: concurrency auto -> %s (one training pass: %s)", tuned["strategy"], ", ".join(
@@ -430,43 +415,7 @@ def _has_split(cache, split: str) -> bool:
         return False
 
 
-def _input_on_device(cfg: TrainConfig, model) -> bool:
-    """Whether batches are finished on the model's first device (input_device; data/device_input.py)."""
-    dev = model.devices[model.local[0]]
-    return cfg.input_device == "device" or (cfg.input_device == "auto" and dev.type == "cuda")
-
-
-def input_batches(model, cache, split: str, batch_size: int, cfg: TrainConfig, ds=None, epoch: int = 0,
-                  train: bool = False, start_batch: int = 0, ten: bool = False):
-    """The batches of `split` for `model`: training (epoch `epoch` from batch `start_batch`) or
-    evaluation (centre or ten patches), finished where the run's input_device says: by the
-    workers, or on the model's first device from the uint8 cache, one batch ahead. The same batches
-    either way."""
-    dev = model.devices[model.local[0]]
-    on_device = _input_on_device(cfg, model)
-    loader = make_loader(cache, split, batch_size, cfg.seed, epoch, train=train, start_batch=start_batch,
-                         cfg=cfg.data, dataset=ds, ten_patches=ten, raw=on_device, pin_memory=dev.type == "cuda")
-    if on_device:
-        loader = DeviceBatches(loader, dev, model.devices[model.layout.head], cfg.data, train=train,
-                               ten_patches=ten)
-    return loader
-
-
-def evaluate_split(model, cache, ds, cfg: TrainConfig, rt=None, ten: bool = False) -> dict:
-    """Centre-patch (or ten-patch) top-1/top-5 error on the validation split (every rank takes part
-    under torchrun; the head column of replica 0 reports). The patches are cut on the device where
-    the training input is (input_device): the same batches either way."""
-    loader = input_batches(model, cache, "val", cfg.eval_batch_size, cfg, ds, ten=ten)
-    # The DataLoader draws a base seed from the global RNG: fork it, so that evaluating (or not, at a
-    # stop) leaves the global RNG where it was.
-    with torch.random.fork_rng(devices=[]):
-        probs, labels = predict_probs(model, loader, cfg.eval_max_batches, cfg.precision)
-    errs = None if probs is None else {f"val_{k}": v for k, v in topk_errors(probs, labels).items()}
-    return errs if rt is None else rt.eval_result(errs)
-
-
 def _plain(cfg) -> dict:
-    from .config import to_dict
     return to_dict(cfg)
 
 

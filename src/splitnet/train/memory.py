@@ -42,7 +42,7 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # One arena: a thread's own arena grows in heaps of at most 64 MB, so its large blocks would be
-    # mmapped afresh anyway (the column threads of concurrent.py allocate from every thread).
+    # mmapped afresh anyway (the column threads of model/concurrent.py allocate from every thread).
     return (bool(mallopt(M_MMAP_THRESHOLD, limit)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * limit))
             and bool(mallopt(M_ARENA_MAX, 1)))
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import PackedDataset
+
 log = logging.getLogger("splitnet")
 
 PAPER_STDS = {"conv1": 1e-4, "conv2": 0.01, "conv3": 0.01, "fc": 0.01}
@@ -85,7 +87,6 @@ def small_images(cache, split: str = "train", side: int = 32, limit: int = 0, in
     """(float images [N, 3, side, side], labels [N], classes): the cache's images (area-averaged to
     `side` if the cache is larger), minus the mean image; divided by 64 for init "torch". `limit`:
     a class-balanced subset of that many images."""
-    from .data import PackedDataset
     ds = PackedDataset(cache, split)
     classes = len(ds.classes)
     index = balanced_indices(ds.labels, limit, classes) if limit else np.arange(len(ds))
@@ -182,7 +183,7 @@ def figure1(cache, out, lrs=(0.001, 0.003, 0.01, 0.03), target: float = 0.25, ma
 
 
 def _plot(res, path) -> None:
-    import matplotlib
+    import matplotlib  # here, not at the top: only plotting needs it (a slow import), Agg before pyplot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))

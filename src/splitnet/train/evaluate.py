@@ -6,8 +6,17 @@ ensemble (the paper's 5 and 7 CNNs) averages the models' probabilities likewise.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from ..config import replace
+from ..data import DeviceBatches, PackedDataset, make_loader, resolve_data
+from ..model.precision import autocast, memory_format, tf32
+from .config import TrainConfig
 
 
 @torch.no_grad()
@@ -16,9 +25,8 @@ def predict_probs(model, batches, max_batches: int = 0, mode: str = "fp32"):
 
     x: [B, 3, S, S] (one patch) or [B, P, 3, S, S] (P patches per image: their probabilities are
     averaged). The model is put in eval mode (paper dropout: outputs x0.5). mode: the numeric mode
-    of the forward pass (precision.py; a run evaluates in the mode it trains in).
+    of the forward pass (model/precision.py; a run evaluates in the mode it trains in).
     """
-    from .precision import autocast, memory_format, tf32
     fmt = memory_format(mode)
     was_training = model.training
     model.eval()
@@ -69,6 +77,42 @@ def ensemble(prob_list) -> torch.Tensor:
     return torch.stack(prob_list).mean(0)
 
 
+# ---- the input and the validation error of a run -----------------------------------------------
+def _input_on_device(cfg: TrainConfig, model) -> bool:
+    """Whether batches are finished on the model's first device (input_device; data/device_input.py)."""
+    dev = model.devices[model.local[0]]
+    return cfg.input_device == "device" or (cfg.input_device == "auto" and dev.type == "cuda")
+
+
+def input_batches(model, cache, split: str, batch_size: int, cfg: TrainConfig, ds=None, epoch: int = 0,
+                  train: bool = False, start_batch: int = 0, ten: bool = False):
+    """The batches of `split` for `model`: training (epoch `epoch` from batch `start_batch`) or
+    evaluation (centre or ten patches), finished where the run's input_device says: by the
+    workers, or on the model's first device from the uint8 cache, one batch ahead. The same batches
+    either way."""
+    dev = model.devices[model.local[0]]
+    on_device = _input_on_device(cfg, model)
+    loader = make_loader(cache, split, batch_size, cfg.seed, epoch, train=train, start_batch=start_batch,
+                         cfg=cfg.data, dataset=ds, ten_patches=ten, raw=on_device, pin_memory=dev.type == "cuda")
+    if on_device:
+        loader = DeviceBatches(loader, dev, model.devices[model.layout.head], cfg.data, train=train,
+                               ten_patches=ten)
+    return loader
+
+
+def evaluate_split(model, cache, ds, cfg: TrainConfig, rt=None, ten: bool = False) -> dict:
+    """Centre-patch (or ten-patch) top-1/top-5 error on the validation split (every rank takes part
+    under torchrun; the head column of replica 0 reports). The patches are cut on the device where
+    the training input is (input_device): the same batches either way."""
+    loader = input_batches(model, cache, "val", cfg.eval_batch_size, cfg, ds, ten=ten)
+    # The DataLoader draws a base seed from the global RNG: fork it, so that evaluating (or not, at a
+    # stop) leaves the global RNG where it was.
+    with torch.random.fork_rng(devices=[]):
+        probs, labels = predict_probs(model, loader, cfg.eval_max_batches, cfg.precision)
+    errs = None if probs is None else {f"val_{k}": v for k, v in topk_errors(probs, labels).items()}
+    return errs if rt is None else rt.eval_result(errs)
+
+
 # ---- command line -------------------------------------------------------------------------------
 def register(sub) -> None:
     p = sub.add_parser("eval", help="top-1/top-5 error: centre patch, ten patches, ensembles")
@@ -85,18 +129,12 @@ def register(sub) -> None:
 
 
 def _ck_path(p):
-    from pathlib import Path
     p = Path(p)
     return p / "checkpoint.pt" if p.is_dir() else p
 
 
 def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64, devices=None) -> list:
     """Rows {model, patches, top1_err, top5_err, images}: each checkpoint, then their ensemble."""
-    from . import checkpoint as ckpt
-    from .config import replace
-    from .data import PackedDataset
-    from .train import input_batches, resolve_data
-
     rows, probs = [], {1: [], 10: []}
     labels = None
     class_names = None
@@ -135,9 +173,6 @@ def format_rows(rows) -> str:
 
 
 def _main(args) -> int:
-    import json
-    from pathlib import Path
-
     rows = evaluate_checkpoints([args.checkpoint, *args.ensemble], args.data, args.split, args.ten_crop,
                                 args.batch_size, tuple(args.devices) if args.devices else None)
     print(format_rows(rows))

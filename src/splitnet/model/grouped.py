@@ -14,7 +14,7 @@ from torch import nn
 from .config import ModelConfig
 from .convert import grouped_shapes
 from .layers import LocalResponseNorm, PaperDropout, activation
-from .model import input_spec, model_layout
+from .columns import input_spec, model_layout
 
 
 class GroupedAlexNet(nn.Module):

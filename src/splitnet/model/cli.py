@@ -1,7 +1,9 @@
-"""Small subcommands: `splitnet layouts`."""
+"""`splitnet layouts`: the built-in layouts, or one layout's table with its costs."""
 from __future__ import annotations
 
 import json
+
+from .layout import get_layout, layouts
 
 
 def register(sub) -> None:
@@ -13,8 +15,6 @@ def register(sub) -> None:
 
 
 def _layouts(args) -> int:
-    from .layout import get_layout, layouts
-
     names = [args.name] if args.name else layouts()
     if args.json:
         out = {}

@@ -4,7 +4,7 @@ A crossing layer (conv3, fc6, fc7, fc8 in the paper) reads every column's maps. 
 does this inside one process: each foreign column's tensor is copied to the reading column's device
 and concatenated in column order (column 0's channels first), and autograd carries the gradients
 back across the copy. A torch.distributed implementation of the same interface lives in
-distributed.py.
+train/distributed.py.
 
 `record_exchanges()` logs one event per tensor that leaves its column, so tests and benchmarks can
 check the traffic against the layout's table.

@@ -8,7 +8,7 @@ independent, so they can run at the same time. How, depends on where they sit
 
   "sequential"  the columns' work is issued one column after the other from the Python thread. On
                 two GPUs this already overlaps: kernel launches return at once and each GPU runs its
-                own queue (model.py).
+                own queue (columns.py).
   "threads"     CPU emulation: one worker thread per column, torch's intra-op threads divided
                 among them (2 cores: one each), forward *and* backward of each segment in the column's
                 thread. The autograd engine runs all CPU backward work in the thread that called

@@ -1,6 +1,6 @@
 """A training run's configuration: TOML files in experiments/ over the paper's defaults (§5).
 
-    [model]   ModelConfig fields (config.py)
+    [model]   ModelConfig fields (model/config.py)
     [data]    DataConfig fields (data/config.py)
     [optim]   OptimConfig fields (below)
     top level TrainConfig fields (batch_size, epochs, seed, max_steps, ...)
@@ -15,8 +15,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, ModelConfig, from_dict, to_dict
-from .data.config import DataConfig
+from ..config import ConfigError, from_dict, to_dict
+from ..data.config import DataConfig
+from ..model.concurrent import STRATEGIES
+from ..model.config import ModelConfig
+from ..model.precision import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,13 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every this many steps (0: at each epoch end only)
     log_every: int = 10  # progress lines every this many steps when output is not a terminal
     threads: int = 0  # torch intra-op threads (0: torch's default)
-    # how one process runs its columns at once: "auto", "sequential", "threads", "streams" (concurrent.py)
+    # how one process runs its columns at once: "auto", "sequential", "threads", "streams" (model/concurrent.py)
     concurrency: str = "auto"
     # where the training input is cropped, mirrored, lit and mean-subtracted: "cpu" (DataLoader
     # workers), "device" (the model's first device, from the uint8 cache: data/device_input.py), or
     # "auto" (device on a GPU, cpu otherwise). The batches are bitwise the same either way.
     input_device: str = "auto"
-    # numeric mode of the forward pass (precision.py): "fp32" (the paper's), "tf32", "bf16" (autocast;
+    # numeric mode of the forward pass (model/precision.py): "fp32" (the paper's), "tf32", "bf16" (autocast;
     # weights, update and loss stay float32) or "bf16_cl" (bf16 + channels_last); the GPU fast path
     precision: str = "fp32"
     dist_timeout_s: float = 300.0  # under torchrun: a collective waiting longer (a dead or hung rank) fails
@@ -84,10 +87,8 @@ class TrainConfig:
         for key in ("batch_size", "epochs", "eval_every", "eval_batch_size", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        from .concurrent import STRATEGIES
         if self.concurrency not in STRATEGIES:
             raise ConfigError(f"concurrency: {self.concurrency!r} is not one of {', '.join(STRATEGIES)}")
-        from .precision import PRECISIONS
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.input_device not in ("auto", "cpu", "device"):

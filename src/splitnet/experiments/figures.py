@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data import DataConfig, PackedDataset
+from ..data.pipeline import eval_batch
+
 
 def colour_specificity(kernels: torch.Tensor) -> torch.Tensor:
     """Per kernel [K]: |w - grey(w)|^2 / |w|^2 for kernels [K, 3, h, w]."""
@@ -70,11 +73,9 @@ def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int 
     patch). Right: `n_query` validation images and the `n_neighbours` training images whose last hidden
     layer (fc7, 4096-d) vectors are nearest in Euclidean distance (§6.1). At most `max_train` training
     images are searched (a random subset beyond that; the figure says so)."""
-    import matplotlib
+    import matplotlib  # here, not at the top: only plotting needs it (a slow import), Agg before pyplot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .data import PackedDataset
 
     train_ds, val_ds = PackedDataset(cache, "train"), PackedDataset(cache, "val")
     classes = train_ds.classes
@@ -84,7 +85,6 @@ def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int 
     model.eval()
 
     def centre(ds, idx):
-        from .data.pipeline import eval_batch
         imgs, labels = ds.get_batch(idx)
         return imgs, labels, eval_batch(imgs, ds.mean, data_cfg or _dcfg(), ten=False)
 
@@ -147,13 +147,12 @@ def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int 
 
 
 def _dcfg():
-    from .data import DataConfig
     return DataConfig()
 
 
 def training_curves(metrics: list, path) -> None:
     """Loss (per step, and its running mean), validation error per epoch, learning rate."""
-    import matplotlib
+    import matplotlib  # here, not at the top: only plotting needs it (a slow import), Agg before pyplot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

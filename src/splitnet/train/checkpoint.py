@@ -1,6 +1,6 @@
 """Checkpoints: written atomically, loadable with weights_only=True, placement-independent.
 
-Weights and the optimiser's velocities are stored in the grouped single-device form (convert.py), so a
+Weights and the optimiser's velocities are stored in the grouped single-device form (model/convert.py), so a
 checkpoint written by any placement (two GPUs, the CPU emulation, torchrun ranks) loads into any
 other. Everything in it is a tensor, a number, a string, or lists/dicts of them.
 """
@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
-from .convert import check_grouped, gather_grouped, scatter_grouped
+from ..config import from_dict, replace
+from ..model.columns import SplitAlexNet
+from ..model.convert import check_grouped, gather_grouped, scatter_grouped
+from .config import TrainConfig
 
 FORMAT = 1
 
@@ -79,10 +82,6 @@ def restore_model(model, ck: dict, optimizer=None) -> None:
 
 def model_from_checkpoint(ck: dict, devices=None):
     """(SplitAlexNet with the checkpoint's weights, its TrainConfig, its class names)."""
-    from .config import from_dict, replace
-    from .model import SplitAlexNet
-    from .runconfig import TrainConfig
-
     cfg = from_dict(TrainConfig, ck["config"])
     classes = list(ck["classes"])
     mcfg = replace(cfg.model, num_classes=len(classes))

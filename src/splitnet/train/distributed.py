@@ -25,11 +25,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .exchange import ExchangeEvent, _record
+from ..config import replace
+from ..model.columns import SplitAlexNet
+from ..model.convert import column_tensors
+from ..model.exchange import ExchangeEvent, _record
 
 log = logging.getLogger("splitnet")
 
-_current_layer = [None]  # the crossing layer being exchanged (bench_dist.py times collectives per layer)
+_current_layer = [None]  # the crossing layer being exchanged (bench/dist.py times collectives per layer)
 
 
 class DistributedError(RuntimeError):
@@ -156,9 +159,6 @@ class DistExchange:
 
 def build_model(cfg, num_classes: int, mesh: Mesh):
     """This rank's SplitAlexNet: the full network initialised as in one process, then only its column kept."""
-    from .config import replace
-    from .model import SplitAlexNet
-
     mcfg = replace(cfg.model, num_classes=num_classes)
     model = SplitAlexNet(config=mcfg, devices=(mesh.device,) * mesh.columns, local_columns=(mesh.column,))
     if model.layout.columns != mesh.columns:
@@ -204,8 +204,6 @@ def reduce_scalars(values, mesh: Mesh, op=dist.ReduceOp.SUM) -> list:
 def gather_columns(model, optimizer, mesh: Mesh):
     """On rank 0: (per-column weights, per-column velocities) of replica 0, for a grouped checkpoint.
     Other ranks return (None, None). Collective over replica 0's column group."""
-    from .convert import column_tensors
-
     if mesh.replica != 0:
         return None, None
     c = mesh.column

@@ -15,23 +15,30 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import statistics
 import time
 import tomllib
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from .evaluate import evaluate_checkpoints
-from .config import ConfigError
-from .runconfig import apply_sets, load_config
-from .train import read_metrics, train
+from ..config import ConfigError, replace, to_dict
+from ..data import resolve_data
+from ..model.columns import SplitAlexNet, model_layout
+from ..train import checkpoint as ckpt
+from ..train.config import apply_sets, load_config
+from ..train.evaluate import evaluate_checkpoints
+from ..train.loop import read_metrics, train
+from .fig1 import figure1
+from .figures import colour_specificity, conv1_columns
 
 log = logging.getLogger("splitnet")
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[3] / "experiments"
 ABLATIONS = EXPERIMENTS / "ablations"
 # Top-level keys of an experiment file that describe it rather than configure the run. `geometries`:
 # the scales at which the experiment means something (default: every one), e.g. 227-pixel crops
@@ -94,7 +101,6 @@ def load_experiment(name: str, data=None, sets=(), suite: str = "ablations") -> 
 
 
 def _timing_model(cfg):
-    from .model import SplitAlexNet
     torch.manual_seed(0)
     m = SplitAlexNet(num_classes=10, config=cfg.model, devices=tuple(cfg.devices) or None,
                      concurrency=cfg.concurrency).train()
@@ -162,9 +168,6 @@ def _train_all(tasks: list, jobs: int, on_done) -> None:
                 raise KeyboardInterrupt
             on_done(name)
         return
-    import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futs = {}
@@ -233,7 +236,6 @@ def _train_minutes(metrics: list):
 
 def _colour(run: Path) -> list:
     """Figure 3's measure, mean colour specificity of each column's conv1 kernels (figures.py)."""
-    from .figures import colour_specificity, conv1_columns
     model = ckpt.model_from_checkpoint(ckpt.load(Path(run) / "checkpoint.pt"), devices="cpu")[0]
     return [float(colour_specificity(k).mean()) for k in conv1_columns(model)]
 
@@ -285,8 +287,6 @@ def run_ablations(out, names=None, data=None, seeds: int = 1, sets=(), time_reps
 
 def run_figure1(out, data=None, sets=(), suite: str = "ablations", **kw) -> dict:
     """Figure 1 (fig1.py) on the suite's training set at 32x32; kept if OUT/figure1.json exists."""
-    from .fig1 import figure1
-    from .train import resolve_data
     out = Path(out)
     if (out / "figure1.json").exists():
         return json.loads((out / "figure1.json").read_text())
@@ -321,8 +321,6 @@ def _append_figure1(out: Path, res: dict) -> None:
 
 def _static(cfg, run) -> dict:
     """Costs from the layout table, for the number of classes the run was trained on."""
-    from .config import replace
-    from .model import model_layout
     classes = json.loads((Path(run) / "run.json").read_text())["classes"]
     mcfg = replace(cfg.model, num_classes=len(classes))
     lay = model_layout(mcfg.layout, mcfg)
@@ -332,7 +330,6 @@ def _static(cfg, run) -> dict:
 
 
 def _as_dict(cfg) -> dict:
-    from .config import to_dict
     return to_dict(cfg)
 
 
@@ -426,7 +423,7 @@ def _write(out: Path, done: dict, data, suite: str = "ablations") -> None:
 
 
 def _plots(out: Path, done: dict) -> None:
-    import matplotlib
+    import matplotlib  # here, not at the top: only plotting needs it (a slow import), Agg before pyplot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     groups = {}

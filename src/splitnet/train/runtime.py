@@ -1,6 +1,6 @@
 """What a training step needs to know about its placement: one process, or a torchrun mesh.
 
-train.py talks to one of these and never to torch.distributed directly:
+loop.py talks to one of these and never to torch.distributed directly:
   LocalRuntime  one process, columns on its devices (CPU emulation, one GPU, several GPUs);
   DistRuntime   one column per rank, replicas x columns (distributed.py), launched by torchrun.
 """
@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from ..config import replace
+from ..model.columns import SplitAlexNet, model_layout
+from ..model.convert import grouped_from_columns
 from . import checkpoint as ckpt
-from .convert import grouped_from_columns
+from . import distributed as D
+from .distributed import world_from_env
 
 
 class LocalRuntime:
@@ -18,8 +22,6 @@ class LocalRuntime:
     rank = 0
 
     def build_model(self, cfg, num_classes: int):
-        from .config import replace
-        from .model import SplitAlexNet
         return SplitAlexNet(config=replace(cfg.model, num_classes=num_classes), devices=tuple(cfg.devices) or None,
                             concurrency=cfg.concurrency)
 
@@ -55,7 +57,6 @@ class LocalRuntime:
 
 class DistRuntime(LocalRuntime):
     def __init__(self, columns: int, timeout_s: float):
-        from . import distributed as D
         self.D = D
         self.mesh = D.init_mesh(columns, timeout_s)
         self.is_main = self.mesh.is_main
@@ -114,8 +115,6 @@ def _why(signalled: bool, out_of_time: bool):
 
 
 def make_runtime(cfg):
-    from .distributed import world_from_env
-    from .model import model_layout
     if world_from_env() > 1:
         return DistRuntime(model_layout(cfg.model.layout, cfg.model).columns, cfg.dist_timeout_s)
     return LocalRuntime()

@@ -1,0 +1,156 @@
+"""The input path: decoding against the cached path per core (`data_path`), and on a GPU, training fed
+from the uint8 cache against training on batches already there (`input_path`), `splitnet train`
+itself included (`train_loop_rate`). Synthetic data, prepared into a temporary cache."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import DataConfig, DeviceBatches, PackedDataset, make_loader, make_synthetic, prepare
+from ..model.columns import SplitAlexNet
+from ..model.placement import synchronize
+from ..model.precision import precision
+from ..train.config import load_config
+from ..train.loop import read_metrics, train
+from .timing import timed, train_step
+
+
+@contextlib.contextmanager
+def _synthetic_cache(per_class: int, workers: int):
+    """A temporary prepared synthetic set (10 classes x per_class training images): yields (cache
+    folder, images packed, seconds the preparation took); removed afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="splitnet-bench-"))
+    try:
+        root = make_synthetic(tmp / "src", seed=0, classes=10, train_per_class=per_class, val_per_class=1,
+                              workers=workers)
+        t0 = time.perf_counter()
+        report = prepare(root, tmp / "cache", workers=workers, progress=False)
+        packed = sum(sp["packed"] for sp in report["splits"].values())
+        yield tmp / "cache", packed, time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rate(epochs, step=None, devices=(), skip: int = 1) -> float:
+    """Images/s over `epochs` (iterables of (x, y) batches, each batch passed to `step` if given).
+    A DataLoader starts its worker processes at every epoch, a cost a real run pays once per
+    thousands of batches: in each epoch the clock starts after the first `skip` batches (the
+    workers' first batches). `devices` are synchronised before each clock reading."""
+    n = seconds = 0
+    for batches in epochs:
+        k, t = _count(batches, step, devices, skip)
+        n, seconds = n + k, seconds + t
+    return n / seconds if n else 0.0
+
+
+def _count(batches, step, devices, skip: int) -> tuple:
+    """(images, seconds) after the first `skip` batches of one epoch."""
+    n, t0 = 0, None
+    for i, (x, y) in enumerate(batches):
+        if step is not None:
+            step(x, y)
+        if i + 1 < skip:
+            continue
+        if t0 is None:
+            synchronize(devices)
+            t0 = time.perf_counter()
+            continue
+        n += len(x)
+    synchronize(devices)
+    return n, (time.perf_counter() - t0 if t0 is not None else 0.0)
+
+
+def data_path(batch: int = 128, train_images_per_s: float | None = None) -> dict:
+    """Images/s of preparation (decode) and of the cached training path, on a synthetic folder."""
+    threads = torch.get_num_threads()
+    with _synthetic_cache(per_class=60, workers=1) as (cache, packed, seconds):
+        decode = packed / seconds
+        cfg = DataConfig()
+        torch.set_num_threads(1)
+        try:
+            rates = {workers: _rate(make_loader(cache, "train", min(batch, 600), seed=0, epoch=epoch, train=True,
+                                                workers=workers, cfg=cfg) for epoch in range(3))
+                     for workers in (0, 1)}  # 4 batches an epoch, the first untimed
+        finally:
+            torch.set_num_threads(threads)
+    out = {"decode_images_per_s_per_core": decode, "cached_images_per_s_per_core": rates[0],
+           "one_worker_images_per_s": rates[1], "cached_over_decode": rates[0] / decode}
+    if train_images_per_s:
+        out["train_step_images_per_s"] = train_images_per_s
+        out["one_worker_over_train_step"] = rates[1] / train_images_per_s
+    return out
+
+
+def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: int | None = None,
+               per_class: int = 600, epochs: int = 1) -> dict:
+    """Training images/s fed from the uint8 cache against training on one batch already on the device.
+
+    "device" path: DataLoader workers gather uint8 images, DeviceBatches crops, mirrors, lights and
+    subtracts the mean on the device one batch ahead (data/device_input.py). "cpu" path: the workers
+    do all of it and send float32 crops. Synthetic 256x256 images, 10 classes x `per_class` (the
+    default: 46 batches of 128, a few hundred milliseconds of a fast GPU's training).
+    """
+    dev = torch.device(device)
+    workers = workers if workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
+    with _synthetic_cache(per_class, workers) as (cache, _, _):
+        torch.manual_seed(0)
+        model = SplitAlexNet(10, devices=dev)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
+        head = model.devices[model.layout.head]
+        cfg = DataConfig(workers=workers)
+        sync = sorted(set(model.devices), key=str)
+
+        def epoch_batches(epoch: int, on_device: bool):
+            loader = make_loader(cache, "train", batch, seed=0, epoch=epoch, train=True, cfg=cfg,
+                                 pin_memory=dev.type == "cuda", raw=on_device)
+            return DeviceBatches(loader, dev, head, cfg) if on_device else loader
+
+        def step(xb, yb):
+            train_step(model, opt, xb.to(dev, non_blocking=True), yb.to(head, non_blocking=True))
+
+        with precision(mode, dev.type):
+            x = torch.randn(batch, 3, 224, 224, device=dev) * 60
+            y = torch.randint(0, 10, (batch,), device=head)
+            for _ in range(2):
+                train_step(model, opt, x, y)
+            steps = 10
+            on_device = timed(lambda: [train_step(model, opt, x, y) for _ in range(steps)], sync) / steps
+            # Each worker's first batch of an epoch carries its start-up: untimed.
+            rates = {path: _rate((epoch_batches(e, path == "device") for e in range(epochs)), step, sync,
+                                 skip=workers) for path in ("device", "cpu")}
+        loop = train_loop_rate(cache, model.devices, batch, mode, workers)
+    on_dev_ips = batch / on_device
+    return {"device": str(dev), "precision": mode, "batch": batch, "workers": workers,
+            "images": 10 * per_class, "epochs": epochs,
+            "train_images_per_s_on_device_batches": on_dev_ips,
+            "train_images_per_s_device_input": rates["device"],
+            "train_images_per_s_cpu_input": rates["cpu"],
+            "device_input_over_on_device": rates["device"] / on_dev_ips,
+            "cpu_input_over_on_device": rates["cpu"] / on_dev_ips,
+            "train_loop_images_per_s": loop,
+            "train_loop_over_on_device": loop / on_dev_ips}
+
+
+def train_loop_rate(cache, devices, batch: int, mode: str, workers: int) -> float:
+    """Images/s of `splitnet train` itself (train.train: the input path of its config, dropout
+    streams, loss and error read back every step, metrics) on a prepared cache: one run of an
+    epoch's batches less one, timed by the wall clock of its metrics records after the first
+    `workers + 2` steps (worker start-up, cuDNN's first calls). No evaluation, one checkpoint at
+    the end (outside the timed records)."""
+    steps = len(PackedDataset(cache, "train")) // batch - 1
+    skip = workers + 2
+    if steps < skip + 2:
+        raise ValueError(f"train_loop_rate: {steps} steps of {batch} in {cache}; need {skip + 2}")
+    sets = [f'data.root="{cache}"', f"batch_size={batch}", f"max_steps={steps}", "eval_at_stop=false",
+            f'precision="{mode}"', f"devices={json.dumps([str(d) for d in devices])}", f"data.workers={workers}"]
+    with tempfile.TemporaryDirectory(prefix="splitnet-bench-") as tmp:
+        train(load_config(None, sets), Path(tmp) / "run", progress=False)
+        recs = [r for r in read_metrics(Path(tmp) / "run") if r["kind"] == "train"][skip:]
+    return batch * (len(recs) - 1) / (recs[-1]["time"] - recs[0]["time"])
