@@ -17,6 +17,13 @@ def test_layouts_json(capsys):
     assert data["paper"]["params"] == 60_965_224
 
 
+def test_layouts_at_cifar_geometry(capsys):
+    assert main(["layouts", "paper", "--json", "--geometry", "cifar", "--num-classes", "10"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # 2,432 (conv1 5x5x3x32) + 25,664 + 73,856 + 73,856 + 36,928 (conv2-5) + 131,584 (fc6 256->512) + 262,656 + 5,130
+    assert data["paper"]["params"] == 612_106 and data["paper"]["exchange_bytes_per_image"]["conv3"] == 6_400
+
+
 def test_unknown_layout_is_one_clear_line(capsys):
     assert main(["layouts", "nope"]) == 2
     err = capsys.readouterr().err
