@@ -15,6 +15,7 @@ from splitnet.experiments.ablate import experiment_names, load_experiment, run_a
 from splitnet.config import ConfigError
 from splitnet.data import ensure_cache, make_synthetic
 from splitnet.data.config import DataConfig
+from splitnet.train.loop import train
 from splitnet.experiments.fig1 import FourLayerCNN, balanced_indices, epochs_to, small_images, train_error
 from splitnet.model.layout import LAYER_NAMES, get_layout, init_gain_factors
 
@@ -128,10 +129,10 @@ def test_cifar_suite_runner_two_jobs(tiny32, tmp_path):
 def test_a_crop_that_is_not_the_models_input_is_refused(tiny32, tmp_path):
     cfg = load_experiment("paper", str(tiny32), ["max_steps=1", "data.crop_size=28", "data.workers=0"], "cifar")[0]
     with pytest.raises(ConfigError, match="data.crop_size = 28"):
-        splitnet.train.train(cfg, tmp_path / "run")
+        train(cfg, tmp_path / "run")
     cfg = load_experiment("paper", str(tiny32), ["max_steps=1", "data.image_size=256", "data.workers=0"], "cifar")[0]
     with pytest.raises(ConfigError, match="data.image_size = 256"):
-        splitnet.train.train(cfg, tmp_path / "run2")
+        train(cfg, tmp_path / "run2")
 
 
 def test_balanced_subsets_take_every_class_equally(tiny32):
@@ -158,8 +159,8 @@ def test_running_training_error_counts_the_batches_as_computed(tiny32):
 def test_reproduce_and_eval_on_a_native_32_pixel_cache(tiny32, tmp_path):
     """Every command that reads a cache works at 32x32: reproduce (training, ten patches, Figures 3
     and 4 with 5x5 kernels and 24-pixel crops) and eval with ten patches."""
-    from splitnet.evaluate import evaluate_checkpoints
-    from splitnet.report import EXPERIMENTS, reproduce
+    from splitnet.train.evaluate import evaluate_checkpoints
+    from splitnet.experiments.report import EXPERIMENTS, reproduce
     sets = ["max_steps=2", "batch_size=8", "eval_batch_size=20", "data.workers=0"]
     report = reproduce(tmp_path, data=str(tiny32), config=EXPERIMENTS / "cifar.toml", sets=sets)
     text = report.read_text()
