@@ -48,6 +48,22 @@ def test_lrn_gradient_against_gradcheck_and_torch(size):
     assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-7)
 
 
+def test_lrn_same_in_channels_last_order():
+    """The window sum runs along the channel axis in the tensor's own memory order (NCHW or NHWC):
+    values and gradients must not depend on which, and match the printed formula."""
+    x = torch.randn(2, 12, 5, 4, dtype=torch.float64) * 40
+    g = torch.randn(2, 12, 5, 4, dtype=torch.float64)
+    lrn = LocalResponseNorm()
+    res = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xi = x.contiguous(memory_format=fmt).requires_grad_(True)
+        y = lrn(xi)
+        res.append((y, torch.autograd.grad(y, xi, g.contiguous(memory_format=fmt))[0]))
+    assert res[1][0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(res[0][0], lrn_formula(x), rtol=1e-12)
+    assert torch.allclose(res[0][0], res[1][0], rtol=1e-12) and torch.allclose(res[0][1], res[1][1], rtol=1e-12)
+
+
 def test_lrn_bad_convention():
     with pytest.raises(ValueError, match="lrn_convention"):
         LocalResponseNorm(convention="caffe")

@@ -459,6 +459,8 @@ def register(sub) -> None:
                    help="train this many runs at once, each with cores/jobs threads (small networks: 2)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every experiment, e.g. max_steps=20")
+    p.add_argument("--time-reps", type=int, default=2,
+                   help="interleaved step pairs per experiment for the step-time column (median)")
     p.add_argument("--list", action="store_true", help="list the suite's experiments and exit")
     p.add_argument("--no-figure1", action="store_true", help="skip the Figure 1 measurement (ReLU vs tanh)")
     p.set_defaults(func=_main)
@@ -472,7 +474,8 @@ def _main(args) -> int:
         return 0
     if not args.out:
         raise ConfigError("ablate: --out DIR is needed")
-    rows = run_ablations(args.out, args.only, args.data, args.seeds, args.sets, suite=args.suite, jobs=args.jobs)
+    rows = run_ablations(args.out, args.only, args.data, args.seeds, args.sets, time_reps=args.time_reps,
+                         suite=args.suite, jobs=args.jobs)
     if not args.no_figure1:
         run_figure1(args.out, args.data, args.sets, suite=args.suite)
     print((Path(args.out) / "ablations.md").read_text())
