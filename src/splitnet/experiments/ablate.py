@@ -261,6 +261,7 @@ def run_ablations(out, names=None, data=None, seeds: int = 1, sets=(), time_reps
     for n in names:
         if n not in todo:
             log.info("ablate: %s already done; kept", n)
+            done[n]["step_time_rel_paper"] = timed[n]  # re-timed when its row had no step time
     runs = {n: [out / "runs" / f"{n}-seed{s}" for s in range(seeds)] for n in todo}
     tasks = [(n, load_config(None, [f"seed={s}"], base=_as_dict(cfgs[n])), run)
              for n in todo for s, run in enumerate(runs[n]) if not _run_done(run, cfgs[n])]
