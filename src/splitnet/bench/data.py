@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -16,10 +17,10 @@ import torch
 from ..data import DataConfig, DeviceBatches, PackedDataset, make_loader, make_synthetic, prepare
 from ..model.columns import SplitAlexNet
 from ..model.placement import synchronize
-from ..model.precision import precision
+from ..model.precision import tf32
 from ..train.config import load_config
 from ..train.loop import read_metrics, train
-from .timing import timed, train_step
+from .timing import paper_optimizer, spread, timed, train_step, training_strategy
 
 
 @contextlib.contextmanager
@@ -38,16 +39,19 @@ def _synthetic_cache(per_class: int, workers: int):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _rate(epochs, step=None, devices=(), skip: int = 1) -> float:
-    """Images/s over `epochs` (iterables of (x, y) batches, each batch passed to `step` if given).
-    A DataLoader starts its worker processes at every epoch, a cost a real run pays once per
-    thousands of batches: in each epoch the clock starts after the first `skip` batches (the
-    workers' first batches). `devices` are synchronised before each clock reading."""
+def _rate(epochs, step=None, devices=(), skip: int = 1) -> tuple:
+    """(images/s over all `epochs`, [images/s of each epoch]); epochs: iterables of (x, y) batches,
+    each batch passed to `step` if given. A DataLoader starts its worker processes at every epoch, a
+    cost a real run pays once per thousands of batches: in each epoch the clock starts after the
+    first `skip` batches (the workers' first batches). `devices` are synchronised before each clock
+    reading."""
     n = seconds = 0
+    each = []
     for batches in epochs:
         k, t = _count(batches, step, devices, skip)
         n, seconds = n + k, seconds + t
-    return n / seconds if n else 0.0
+        each.append(k / t if t else 0.0)
+    return (n / seconds if n else 0.0), each
 
 
 def _count(batches, step, devices, skip: int) -> tuple:
@@ -67,8 +71,10 @@ def _count(batches, step, devices, skip: int) -> tuple:
     return n, (time.perf_counter() - t0 if t0 is not None else 0.0)
 
 
-def data_path(batch: int = 128, train_images_per_s: float | None = None) -> dict:
-    """Images/s of preparation (decode) and of the cached training path, on a synthetic folder."""
+def data_path(batch: int = 128) -> dict:
+    """Images/s of preparation (decode) and of the cached training path, on a synthetic folder.
+    cached_over_decode's spread is over the 3 epochs of the cached path (the decode is timed once,
+    as one preparation of 600 images)."""
     threads = torch.get_num_threads()
     with _synthetic_cache(per_class=60, workers=1) as (cache, packed, seconds):
         decode = packed / seconds
@@ -80,12 +86,9 @@ def data_path(batch: int = 128, train_images_per_s: float | None = None) -> dict
                      for workers in (0, 1)}  # 4 batches an epoch, the first untimed
         finally:
             torch.set_num_threads(threads)
-    out = {"decode_images_per_s_per_core": decode, "cached_images_per_s_per_core": rates[0],
-           "one_worker_images_per_s": rates[1], "cached_over_decode": rates[0] / decode}
-    if train_images_per_s:
-        out["train_step_images_per_s"] = train_images_per_s
-        out["one_worker_over_train_step"] = rates[1] / train_images_per_s
-    return out
+    return {"decode_images_per_s_per_core": decode, "cached_images_per_s_per_core": rates[0][0],
+            "one_worker_images_per_s": rates[1][0], "cached_over_decode": rates[0][0] / decode,
+            "cached_over_decode_spread": spread(r / decode for r in rates[0][1])}
 
 
 def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: int | None = None,
@@ -102,7 +105,8 @@ def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: i
     with _synthetic_cache(per_class, workers) as (cache, _, _):
         torch.manual_seed(0)
         model = SplitAlexNet(10, devices=dev)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
+        model.concurrency = training_strategy(model, batch, mode)
+        opt = paper_optimizer(model)
         head = model.devices[model.layout.head]
         cfg = DataConfig(workers=workers)
         sync = sorted(set(model.devices), key=str)
@@ -112,21 +116,24 @@ def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: i
                                  pin_memory=dev.type == "cuda", raw=on_device)
             return DeviceBatches(loader, dev, head, cfg) if on_device else loader
 
-        def step(xb, yb):
-            train_step(model, opt, xb.to(dev, non_blocking=True), yb.to(head, non_blocking=True))
+        count = iter(range(10 ** 9))  # the step number: each step its own dropout masks
 
-        with precision(mode, dev.type):
+        def step(xb, yb):
+            train_step(model, opt, xb.to(dev, non_blocking=True), yb.to(head, non_blocking=True),
+                       step=next(count), mode=mode)
+
+        model.train()
+        with tf32(mode):
             x = torch.randn(batch, 3, 224, 224, device=dev) * 60
             y = torch.randint(0, 10, (batch,), device=head)
             for _ in range(2):
-                train_step(model, opt, x, y)
-            steps = 10
-            on_device = timed(lambda: [train_step(model, opt, x, y) for _ in range(steps)], sync) / steps
+                step(x, y)
+            on_device = [timed(lambda: step(x, y), sync) for _ in range(10)]
             # Each worker's first batch of an epoch carries its start-up: untimed.
             rates = {path: _rate((epoch_batches(e, path == "device") for e in range(epochs)), step, sync,
-                                 skip=workers) for path in ("device", "cpu")}
-        loop = train_loop_rate(cache, model.devices, batch, mode, workers)
-    on_dev_ips = batch / on_device
+                                 skip=workers)[0] for path in ("device", "cpu")}
+        loop, loop_parts = train_loop_rate(cache, model.devices, batch, mode, workers)
+    on_dev_ips = batch / statistics.median(on_device)
     return {"device": str(dev), "precision": mode, "batch": batch, "workers": workers,
             "images": 10 * per_class, "epochs": epochs,
             "train_images_per_s_on_device_batches": on_dev_ips,
@@ -135,15 +142,17 @@ def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: i
             "device_input_over_on_device": rates["device"] / on_dev_ips,
             "cpu_input_over_on_device": rates["cpu"] / on_dev_ips,
             "train_loop_images_per_s": loop,
-            "train_loop_over_on_device": loop / on_dev_ips}
+            "train_loop_over_on_device": loop / on_dev_ips,
+            "train_loop_over_on_device_spread": spread(r / on_dev_ips for r in loop_parts)}
 
 
-def train_loop_rate(cache, devices, batch: int, mode: str, workers: int) -> float:
+def train_loop_rate(cache, devices, batch: int, mode: str, workers: int) -> tuple:
     """Images/s of `splitnet train` itself (train.train: the input path of its config, dropout
     streams, loss and error read back every step, metrics) on a prepared cache: one run of an
     epoch's batches less one, timed by the wall clock of its metrics records after the first
     `workers + 2` steps (worker start-up, cuDNN's first calls). No evaluation, one checkpoint at
-    the end (outside the timed records)."""
+    the end (outside the timed records). Returns (images/s, [images/s of each third of the timed
+    records]: their spread; one part when there are fewer than 7 records)."""
     steps = len(PackedDataset(cache, "train")) // batch - 1
     skip = workers + 2
     if steps < skip + 2:
@@ -153,4 +162,11 @@ def train_loop_rate(cache, devices, batch: int, mode: str, workers: int) -> floa
     with tempfile.TemporaryDirectory(prefix="splitnet-bench-") as tmp:
         train(load_config(None, sets), Path(tmp) / "run", progress=False)
         recs = [r for r in read_metrics(Path(tmp) / "run") if r["kind"] == "train"][skip:]
+    parts = 3 if len(recs) >= 7 else 1
+    cuts = [round(i * (len(recs) - 1) / parts) for i in range(parts + 1)]  # record indices, shared ends
+    return _loop_rate(recs, batch), [_loop_rate(recs[a:b + 1], batch) for a, b in zip(cuts, cuts[1:])]
+
+
+def _loop_rate(recs: list, batch: int) -> float:
+    """Images/s between the first and the last metrics record (each record ends one step)."""
     return batch * (len(recs) - 1) / (recs[-1]["time"] - recs[0]["time"])

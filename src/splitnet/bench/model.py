@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from ..model.columns import SplitAlexNet
-from ..model.concurrent import choose
 from ..model.grouped import GroupedAlexNet
 from ..model.layout import get_layout
 from ..model.placement import synchronize
-from ..model.precision import PRECISIONS, autocast_dtype, memory_format, precision
-from .timing import matmul_peak_gflops, timed, train_step
+from ..model.precision import PRECISIONS, autocast, autocast_dtype, memory_format, tf32
+from .peak import MatmulPeak, nominal_peak
+from .timing import paper_optimizer, spread, timed, train_step, training_strategy
 
 
 def strategies_for(devices) -> list:
@@ -32,22 +32,9 @@ def strategies_for(devices) -> list:
     return ["sequential"]
 
 
-def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3,
-            num_classes: int = 1000, mode: str = "fp32", strategies=None, baseline_device=None,
-            compile_backend: str | None = None) -> dict:
-    """Training step and inference of the split model (each concurrency strategy) against the
-    single-device grouped network, interleaved, in one process.
-
-    device: one device for every column, or one per column (two GPUs). The grouped network runs on
-    `baseline_device` (default: the first column's device). mode: a key of PRECISIONS.
-    compile_backend: also time torch.compile(backend=...) of the sequential split model and of the
-    grouped network ("split_sequential_compiled", "grouped_compiled"; dropout from the global RNG, as
-    here). The threads strategy is not compiled (its columns run in worker threads)."""
-    ncol = get_layout(layout).columns
-    devices = tuple(torch.device(d) for d in (device if isinstance(device, (tuple, list)) else (device,) * ncol))
-    base = torch.device(baseline_device) if baseline_device else devices[0]
-    dtype_t = devices[0].type
-    strategies = strategies or strategies_for(devices)
+def _nets(layout, devices, base, num_classes: int, strategies, compile_backend) -> dict:
+    """{name: net}, every one with the same weights: split_<strategy> per strategy, grouped (on
+    `base`), and with compile_backend the compiled sequential split and grouped networks."""
     torch.manual_seed(0)
     nets = {}
     for st in strategies:
@@ -55,11 +42,9 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
         if st != strategies[0]:
             nets[f"split_{st}"].load_state_dict(nets[f"split_{strategies[0]}"].state_dict())
     first = nets[f"split_{strategies[0]}"]
-    default = choose(first, "auto")
     grouped = GroupedAlexNet(first.config).to(base)
     grouped.load_state_dict(first.grouped_state_dict())
     nets["grouped"] = grouped
-    compiled = []
     if compile_backend:
         seq = SplitAlexNet(num_classes, layout, devices=devices, concurrency="sequential")
         seq.load_state_dict(first.state_dict())
@@ -67,69 +52,121 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
         g2.load_state_dict(first.grouped_state_dict())
         nets["split_sequential_compiled"] = torch.compile(seq, backend=compile_backend)
         nets["grouped_compiled"] = torch.compile(g2, backend=compile_backend)
-        compiled = ["split_sequential_compiled", "grouped_compiled"]
+    return nets
+
+
+def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3,
+            num_classes: int = 1000, mode: str = "fp32", strategies=None, baseline_device=None,
+            compile_backend: str | None = None) -> dict:
+    """Training step and inference of the split model (each concurrency strategy) against the
+    single-device grouped network, interleaved in one process, and the split's training FLOP
+    utilisation of the devices.
+
+    Each of `reps` rounds takes, net after net, a matmul sample (peak.MatmulPeak) and one training
+    step (timing.train_step: PaperSGD, the run's dropout, train mode): matmul, split, matmul,
+    grouped, ... so the measured peak shares the steps' conditions. Ratios are taken within a round
+    (a split step over the grouped step next to it) and reported with their spread over the rounds.
+    The headline "split" runs the strategy training would pick (timing.training_strategy).
+
+    device: one device for every column, or one per column (two GPUs). The grouped network runs on
+    `baseline_device` (default: the first column's device). mode: a key of PRECISIONS.
+    compile_backend: also time torch.compile(backend=...) of the sequential split model and of the
+    grouped network ("split_sequential_compiled", "grouped_compiled"). The threads strategy is not
+    compiled (its columns run in worker threads)."""
+    ncol = get_layout(layout, num_classes).columns
+    devices = tuple(torch.device(d) for d in (device if isinstance(device, (tuple, list)) else (device,) * ncol))
+    base = torch.device(baseline_device) if baseline_device else devices[0]
+    strategies = strategies or strategies_for(devices)
+    nets = _nets(layout, devices, base, num_classes, strategies, compile_backend)
+    first = nets[f"split_{strategies[0]}"]
     fmt = memory_format(mode)
     x = torch.randn(batch, 3, first.input_side, first.input_side) * 60
     y = torch.randint(0, num_classes, (batch,))
     xs = {}
     for name, net in nets.items():
         net.to(memory_format=fmt)
-        grouped_net = name.startswith("grouped")
-        xs[name] = (x.to(base if grouped_net else devices[0]).contiguous(memory_format=fmt),
-                    y.to(base if grouped_net else devices[first.layout.head]))
-    opts = {k: torch.optim.SGD(n.parameters(), lr=1e-5, momentum=0.9) for k, n in nets.items()}
+        on_base = name.startswith("grouped")
+        xs[name] = (x.to(base if on_base else devices[0]).contiguous(memory_format=fmt),
+                    y.to(base if on_base else devices[first.layout.head]))
+    default = training_strategy(first, batch, mode)  # after the memory format, as training calibrates
+    split = f"split_{default}" if default in strategies else f"split_{strategies[0]}"
+    opts = {k: paper_optimizer(n) for k, n in nets.items()}
     sync = sorted(set(devices) | {base}, key=str)
+    peak = MatmulPeak(devices, autocast_dtype(mode) or torch.float32)
     times = {f"{m}_{k}": [] for m in ("train", "infer") for k in nets}
-    with precision(mode, dtype_t):
+    dev_type = devices[0].type
+    with tf32(mode):
         for name, net in nets.items():  # warm-up: allocator, oneDNN/cuDNN algorithm choice
             net.train()
-            train_step(net, opts[name], *xs[name])
-        for _ in range(reps):
+            train_step(net, opts[name], *xs[name], step=0, mode=mode)
+        peak.sample()
+        peak.samples.clear()
+        for r in range(reps):
             for name, net in nets.items():
-                times[f"train_{name}"].append(timed(lambda: train_step(net, opts[name], *xs[name]), sync))
-        with torch.no_grad():
+                peak.sample()
+                times[f"train_{name}"].append(timed(
+                    lambda: train_step(net, opts[name], *xs[name], step=1 + r, mode=mode), sync))
+        with torch.no_grad(), autocast(mode, dev_type):
             for name, net in nets.items():
                 net.eval()
                 net(xs[name][0])
             for _ in range(reps):
                 for name, net in nets.items():
                     times[f"infer_{name}"].append(timed(lambda: net(xs[name][0]), sync))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    macs = get_layout(layout, num_classes).macs_per_image()
-    peak_dtype = autocast_dtype(mode) or torch.float32
-    with precision(mode, dtype_t):  # the best of a few sizes: a peak, not one size's rate
-        peak = max(matmul_peak_gflops(devices[0], n=n, dtype=peak_dtype)
-                   for n in ((4096, 8192) if dtype_t == "cuda" else (1024, 2048, 3072)))
-    best = min(strategies, key=lambda st: med[f"train_split_{st}"])
-    if dtype_t == "cuda" and len(strategies) > 1:
-        default = best  # a training run times the candidates on a GPU and keeps the faster (model/tune.py)
-    split = f"split_{default}" if default in strategies else f"split_{strategies[0]}"
-    res = {
-        "device": ", ".join(str(d) for d in devices), "grouped_device": str(base), "layout": layout,
-        "batch": batch, "reps": reps, "precision": mode,
-        "default_strategy": split[len("split_"):], "best_strategy": best, "strategies": strategies,
-        "train_step_s_split": med[f"train_{split}"], "train_step_s_grouped": med["train_grouped"],
-        "train_ratio_split_over_grouped": med[f"train_{split}"] / med["train_grouped"],
-        "infer_s_split": med[f"infer_{split}"], "infer_s_grouped": med["infer_grouped"],
-        "infer_ratio_split_over_grouped": med[f"infer_{split}"] / med["infer_grouped"],
-        "train_images_per_s_split": batch / med[f"train_{split}"],
-        "train_images_per_s_grouped": batch / med["train_grouped"],
-        "infer_images_per_s_split": batch / med[f"infer_{split}"],
-        "matmul_peak_gflops": peak, "matmul_peak_dtype": str(peak_dtype).replace("torch.", "")
-        + ("+tf32" if PRECISIONS[mode][0] and peak_dtype == torch.float32 and dtype_t == "cuda" else ""),
-        "train_mfu": 6 * macs * batch / med[f"train_{split}"] / 1e9 / peak,
-        "all_times_s": times,
-    }
-    for name in compiled:
-        res[f"train_step_s_{name}"], res[f"infer_s_{name}"] = med[f"train_{name}"], med[f"infer_{name}"]
-        res[f"train_ratio_{name}_over_grouped"] = med[f"train_{name}"] / med["train_grouped"]
-    if compiled:
+    res = {"device": ", ".join(str(d) for d in devices), "grouped_device": str(base), "layout": layout,
+           "batch": batch, "reps": reps, "precision": mode,
+           "default_strategy": split[len("split_"):], "strategies": strategies}
+    res.update(_step_figures(times, split, batch))
+    res["best_strategy"] = min(strategies, key=lambda st: res[f"train_step_s_split_{st}"])
+    res.update(_utilisation(first.layout.train_flops_per_image(), times[f"train_{split}"], batch, peak,
+                            nominal_peak(devices, mode), mode, dev_type))
+    if compile_backend:
         res["compile_backend"] = compile_backend
-    for st in strategies:
-        res[f"train_step_s_split_{st}"] = med[f"train_split_{st}"]
-        res[f"infer_s_split_{st}"] = med[f"infer_split_{st}"]
-        res[f"train_ratio_split_{st}_over_grouped"] = med[f"train_split_{st}"] / med["train_grouped"]
+    res["all_times_s"] = times
     return res
+
+
+def _paired(num: list, den: list) -> dict:
+    """Spread of num[r] / den[r] over the rounds r (each pair timed next to each other)."""
+    return spread(a / b for a, b in zip(num, den))
+
+
+def _step_figures(times: dict, split: str, batch: int) -> dict:
+    """Medians, images/s and split-over-grouped ratios (median of the rounds' ratios, with spread)."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {}
+    for mode, key in (("train", "train_step_s"), ("infer", "infer_s")):
+        g = times[f"{mode}_grouped"]
+        out[f"{key}_split"], out[f"{key}_grouped"] = med[f"{mode}_{split}"], med[f"{mode}_grouped"]
+        ratio = _paired(times[f"{mode}_{split}"], g)
+        out[f"{mode}_ratio_split_over_grouped"] = ratio["median"]
+        out[f"{mode}_ratio_split_over_grouped_spread"] = ratio
+        for name in times:
+            if name.startswith(f"{mode}_split_") or name == f"{mode}_grouped_compiled":
+                net = name[len(mode) + 1:]
+                out[f"{key}_{net}"] = med[name]
+                out[f"{mode}_ratio_{net}_over_grouped"] = _paired(times[name], g)["median"]
+    out["train_images_per_s_split"] = batch / med[f"train_{split}"]
+    out["train_images_per_s_split_spread"] = spread(batch / t for t in times[f"train_{split}"])
+    out["train_images_per_s_grouped"] = batch / med["train_grouped"]
+    out["infer_images_per_s_split"] = batch / med[f"infer_{split}"]
+    return out
+
+
+def _utilisation(flops: int, steps_s: list, batch: int, peak: MatmulPeak, nominal: dict, mode: str,
+                 dev_type: str) -> dict:
+    """Training FLOPs per second of the split (layout.train_flops_per_image x images/s) over the
+    measured matmul peak and over the nominal peak, as fractions, each with its spread over rounds."""
+    rate = batch / statistics.median(steps_s)
+    out = {"train_flops_per_image": flops,
+           "peak_flops_measured": peak.peak, "peak_flops_measured_samples": list(peak.samples),
+           "peak_flops_measured_dtype": str(peak.dtype).replace("torch.", "")
+           + ("+tf32" if PRECISIONS[mode][0] and peak.dtype == torch.float32 and dev_type == "cuda" else ""),
+           "peak_flops_nominal": nominal.get("flops"), "peak_flops_nominal_basis": nominal.get("basis")}
+    for name, denom in (("measured", peak.peak), ("nominal", nominal.get("flops"))):
+        out[f"train_util_of_{name}"] = flops * rate / denom if denom else None
+        out[f"train_util_of_{name}_spread"] = spread(flops * batch / t / denom for t in steps_s) if denom else None
+    return out
 
 
 def busy_overlap(lanes: dict) -> dict:
@@ -174,6 +211,7 @@ def column_overlap(model, x: torch.Tensor, steps: int = 3, trace: str | None = N
     y = torch.zeros(x.shape[0], dtype=torch.int64, device=model.devices[model.layout.head])
 
     def step():
+        model.set_dropout_stream(0, x.shape[0])  # as training draws masks: no global-RNG ordering
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         synchronize(model.devices)

@@ -1,41 +1,78 @@
-"""The clock and the yardstick of the benchmarks: a synchronised timer, one training step, and the
-matmul peak that model FLOP utilisation is measured against."""
+"""The clock of the benchmarks and the training step they time: the step `splitnet train` takes
+(train/loop.py train_step), with its optimiser, dropout and concurrency strategy."""
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from ..data.rng import derive_seed
 from ..model.placement import synchronize
+from ..model.precision import autocast
+from ..model.tune import calibrate, worth_calibrating
+from ..train.config import OptimConfig
+from ..train.loop import STREAM_DROPOUT
+from ..train.optim import PaperSGD, param_groups
+from ..train.runtime import LocalRuntime
+
+_LOCAL = LocalRuntime()
 
 
-def matmul_peak_gflops(device: torch.device, n: int = 2048, seconds: float = 1.0,
-                       dtype=torch.float32) -> float:
-    """Best sustained n x n matmul rate: the yardstick for model FLOP utilisation."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    synchronize([device])
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        synchronize([device])
-        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
-    return best
+def paper_optimizer(net: torch.nn.Module, cfg: OptimConfig | None = None) -> PaperSGD:
+    """The optimiser training builds (§5): PaperSGD, weight decay on the weights only, eps 0.01,
+    momentum 0.9 (OptimConfig's defaults)."""
+    cfg = cfg or OptimConfig()
+    return PaperSGD(param_groups(net, cfg.weight_decay, cfg.bias_decay), lr=cfg.lr, momentum=cfg.momentum)
 
 
-def train_step(net, opt, x, y):
+def train_step(net, opt, x, y, step: int = 0, mode: str = "fp32", rt=_LOCAL, full_batch: int | None = None,
+               offset: int = 0, seed: int = 0) -> None:
+    """One SGD step as train/loop.py takes it, on x [b, 3, S, S] and y [b] already on the devices:
+    dropout masks of the (seed, step) stream (§4.2; a net without streams, the grouped network, draws
+    from the global RNG), forward and loss under the mode's autocast, backward and gradient sync
+    through the runtime `rt` (torchrun: train/runtime.DistRuntime), loss and training error read
+    back and agreed on (the loop's NaN check and metrics), the PaperSGD update. The net must be in
+    train mode. full_batch / offset: this process's rows of the global batch (data parallel)."""
+    if hasattr(net, "set_dropout_stream"):
+        net.set_dropout_stream(derive_seed(seed, STREAM_DROPOUT, step), full_batch or len(x), offset)
+    with autocast(mode, x.device.type):
+        logits = net(x)
+        loss = F.cross_entropy(logits.float(), y) if logits is not None else None
     opt.zero_grad(set_to_none=True)
-    F.cross_entropy(net(x), y).backward()
+    rt.backward(net, loss)
+    rt.sync_grads(net)
+    lv = loss.item() if loss is not None else None
+    err = (logits.argmax(1) != y).float().mean().item() if logits is not None else None
+    rt.agree(lv or 0.0, err or 0.0, False, False)
     opt.step()
 
 
+def training_strategy(model, batch: int, mode: str = "fp32") -> str:
+    """The concurrency strategy `splitnet train` would run `model` with: "auto" as concurrent.choose
+    resolves it, after tune.calibrate has timed the candidates where training does (a GPU placement
+    with a choice, at the run's batch and precision). The model's own setting is left as it was."""
+    saved = model.concurrency, model.tuned_strategy
+    model.concurrency = "auto"
+    try:
+        if worth_calibrating(model):
+            calibrate(model, batch, mode=mode)
+        return model.strategy
+    finally:
+        model.concurrency, model.tuned_strategy = saved
+
+
 def timed(fn, devices) -> float:
+    """Seconds of fn(), the devices synchronised before and after."""
     synchronize(devices)
     t0 = time.perf_counter()
     fn()
     synchronize(devices)
     return time.perf_counter() - t0
+
+
+def spread(values) -> dict:
+    """Median and range of repeated measurements: {"median", "min", "max", "n"}."""
+    values = list(values)
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
