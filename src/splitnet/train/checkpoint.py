@@ -15,20 +15,28 @@ from ..config import from_dict, replace
 from ..model.columns import SplitAlexNet
 from ..model.convert import check_grouped, gather_grouped, scatter_grouped
 from .config import TrainConfig
+from .errors import CheckpointError
 
 FORMAT = 1
 
 
 def atomic_save(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`. A failed
+    write (a full disk) removes the temporary file and leaves the previous `path` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} exists"
+        raise CheckpointError(f"could not write {path} ({why}); {kept}") from None
 
 
 def rng_state() -> dict:
@@ -57,15 +65,22 @@ def model_payload(model, optimizer=None) -> dict:
 
 
 def load(path) -> dict:
+    """A splitnet checkpoint, loaded with weights_only=True; a CheckpointError naming the file and
+    what is wrong for anything else (empty, truncated, random bytes, another program's file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (a write that never finished?)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which, in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in first or "Weights only" in first:
+            first = "it holds objects other than tensors, numbers and strings"
+        raise CheckpointError(f"checkpoint {path} cannot be read: {first[:200]}") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT or "model" not in ck:
-        raise ValueError(f"checkpoint {path} is not a splitnet checkpoint (format {FORMAT})")
+        raise CheckpointError(f"checkpoint {path} is not a splitnet checkpoint (format {FORMAT})")
     return ck
 
 

@@ -98,6 +98,40 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
 
 
+# What --set may change on `train --resume`: budgets, evaluation and logging, and where or how fast
+# the run computes (devices, threads, concurrency, the input path: the same batches, the same
+# numbers). optim.lr is an explicit override, applied and logged. Anything else (batch size, seed,
+# model, data, schedule) would change what the saved batch index, permutation or weights mean.
+RESUME_SAFE = frozenset({
+    "name", "note", "epochs", "max_steps", "max_minutes", "eval_every", "eval_batch_size",
+    "eval_max_batches", "eval_at_stop", "checkpoint_every", "log_every", "threads", "devices",
+    "concurrency", "input_device", "dist_timeout_s", "data.workers", "data.prepare_workers", "optim.lr"})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resume_changes(saved: TrainConfig, new: TrainConfig) -> dict:
+    """{dotted key: (saved value, new value)} for the fields a resume changes; a ConfigError naming
+    the key when one of them is not in RESUME_SAFE."""
+    a, b = _flat(to_dict(saved)), _flat(to_dict(new))
+    # model.num_classes is always the data's class count (the loop sets it), whatever a file says
+    changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+               if a.get(k) != b.get(k) and k != "model.num_classes"}
+    for k, (old, value) in changed.items():
+        if k not in RESUME_SAFE:
+            raise ConfigError(f"{k}: cannot change on resume ({old!r} -> {value!r}); it would change what "
+                              f"the saved run means. Start a new run (--out) instead")
+    return changed
+
+
 def _parse_value(text: str):
     try:
         return tomllib.loads(f"v = {text}")["v"]

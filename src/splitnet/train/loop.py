@@ -1,215 +1,173 @@
-"""Training (§5): the paper's SGD on the split model, with run directories that resume exactly.
+"""Training (§5): the paper's SGD on the split model, in a run directory that resumes exactly.
 
-A run directory holds:
-  config.toml      the resolved config (paper defaults + the experiment file + --set overrides)
-  run.json         git commit, devices, data set, classes, start time
-  metrics.jsonl    one JSON object per line: {"kind": "train", step, epoch, loss, lr, ...} per step,
-                   {"kind": "eval", epoch, step, val_top1_err, val_top5_err} per evaluation
-  checkpoint.pt    the last checkpoint (atomic: temporary file, then rename); weights_only loadable
-SIGINT/SIGTERM finish the current step, save and exit; `--resume` continues with exactly the batches,
-dropout masks and losses of an uninterrupted run (bitwise on the CPU). A NaN or infinite loss stops the
-run with a message naming the step; the last good checkpoint is kept.
+    train()            validate everything (config, data, model, checkpoint), then write the run
+                       directory (rundir.py) and train epoch by epoch:
+    train_one_epoch()  the SGD steps of one epoch (train_step: one batch);
+    end_of_epoch()     evaluate, drop eps by the schedule, keep the best weights, checkpoint.
+
+Where a run is lives in a TrainState (state.py) that round-trips through the checkpoint, so that
+`--resume` continues with exactly the batches, dropout masks, learning rates and losses of an
+uninterrupted run (bitwise on the CPU). Budgets (max_steps, max_minutes) are run totals. SIGINT and
+SIGTERM finish the current step, save and exit; a NaN loss stops the run, keeping the last good
+checkpoint.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import signal
-import subprocess
-import sys
-import threading
 import time
 import tomllib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, to_dict
+from ..config import ConfigError, replace, to_dict
 from ..data import PackedDataset, resolve_data
 from ..data.rng import derive_seed
 from ..model.precision import autocast, memory_format, tf32
 from ..model.tune import calibrate, worth_calibrating
 from . import checkpoint as ckpt
-from .config import TrainConfig, dump_toml, load_config
+from .config import TrainConfig, dump_toml, load_config, resume_changes
 from .distributed import DistributedError
 from .evaluate import evaluate_split, input_batches
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
+from .progress import Progress, StopFlag
+from .rundir import Metrics, RunDir, RunError, atomic_write_text, budget_reached, git_commit, read_metrics, run_done
 from .runtime import make_runtime
+from .state import TrainState
 
 log = logging.getLogger("splitnet")
 
 STREAM_DROPOUT = 3  # derive_seed stream for dropout masks (data/rng.py uses 1 and 2)
+
+__all__ = ["train", "train_one_epoch", "end_of_epoch", "train_or_resume", "read_metrics", "TrainingError"]
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (NaN loss, ...); the last good checkpoint is kept."""
 
 
-def git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+@dataclass
+class Run:
+    """What one segment of a run (a start or a resume) works with; built by _start()."""
+
+    cfg: TrainConfig
+    dir: RunDir
+    rt: object  # runtime.LocalRuntime or DistRuntime
+    model: torch.nn.Module
+    opt: PaperSGD
+    sched: object  # PlateauSchedule, MilestoneSchedule or None
+    cache: Path
+    train_ds: PackedDataset
+    val_ds: PackedDataset | None
+    classes: list
+    state: TrainState
+    progress: bool = True  # progress lines or a bar (the main process only)
+    metrics: Metrics | None = None  # the main process's metrics.jsonl
+    bar: Progress | None = None
+    stop: StopFlag = field(default_factory=StopFlag)
+    t0: float = field(default_factory=time.time)  # this segment's start
+    elapsed0: float = 0.0  # training time of the segments before this one
+
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.time() - self.t0
+
+    def log(self, **rec) -> None:
+        if self.metrics is not None:
+            self.metrics.write(**rec)
+
+    def save(self) -> None:
+        """checkpoint.pt: weights, velocities and the TrainState (every rank takes part)."""
+        self.state.elapsed_s = self.elapsed()
+        self._write(self.dir.checkpoint, velocities=True)
+
+    def save_best(self) -> None:
+        """best.pt: the weights of the best validation evaluation (loadable like checkpoint.pt)."""
+        self._write(self.dir.best, velocities=False)
+
+    def _write(self, path: Path, velocities: bool) -> None:
+        weights, velocity = self.rt.checkpoint_tensors(self.model, self.opt)
+        if weights is None:
+            return  # not the main process
+        payload = dict(model=weights, format=ckpt.FORMAT, rng=ckpt.rng_state(), config=to_dict(self.cfg),
+                       classes=list(self.classes), layout=self.model.layout.name, **self.state.to_checkpoint())
+        if velocities:
+            payload["velocity"] = velocity
+        ckpt.atomic_save(payload, path)
 
 
-class _Stop:
-    """SIGINT/SIGTERM set a flag; the loop checks it after each step, saves and leaves."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading_main():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second ^C: the user means it
-            raise KeyboardInterrupt
-        self.signal = signum
-        log.warning("train: %s received; finishing this step, saving, exiting",
-                    signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def threading_main() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-class _Progress:
-    """tqdm on a terminal; plain log lines every `every` steps otherwise (CI logs, files)."""
-
-    def __init__(self, total: int, done: int, every: int, enabled: bool = True, max_seconds: float = 0.0):
-        self.total, self.every, self.t0, self.done0 = total, every, time.time(), done
-        self.max_seconds = max_seconds  # a time cap (max_minutes) bounds the time left too
-        self.bar = None
-        self.enabled = enabled
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm  # here, not at the top: only a terminal gets a bar
-            self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", lr=f"{lr:g}", img_s=f"{ips:.0f}")
-        elif self.enabled and (step % self.every == 0 or step == self.total):
-            el = time.time() - self.t0
-            rate = (step - self.done0) / el if el > 0 else 0.0
-            left = (self.total - step) / rate if rate > 0 else float("nan")
-            if self.max_seconds:
-                left = min(left, max(0.0, self.max_seconds - el))
-            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:g} "
-                  f"{ips:.1f} img/s, {_hms(el)} elapsed, {_hms(left)} left", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _hms(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-class Metrics:
-    """metrics.jsonl: appended line by line and flushed, so a killed run keeps what it logged."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.f = open(path, "a")
-
-    def write(self, **rec) -> None:
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-
-    def close(self):
-        self.f.close()
-
-    @staticmethod
-    def truncate_to(path: Path, step: int, epoch: int) -> None:
-        """Drop lines a resumed run will write again: train steps after `step`, evals of epochs >= epoch."""
-        if not path.exists():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if r.get("kind") == "eval" and r.get("epoch", 0) >= epoch:
-                continue
-            if r.get("kind") == "train" and r.get("step", 0) > step:
-                continue
-            keep.append(line)
-        path.write_text("".join(k + "\n" for k in keep))
-
-
-def read_metrics(run_dir) -> list:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-
-
-def _schedule(cfg: TrainConfig):
-    o = cfg.optim
-    if o.schedule == "plateau":
-        return PlateauSchedule(o.patience, o.factor, o.max_drops, o.min_delta)
-    if o.schedule == "milestones":
-        return MilestoneSchedule(o.milestones, o.factor)
-    return None
-
-
-def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(), progress: bool = True) -> dict:
-    """Train `cfg` into run directory `out` (or resume the run there). Returns a summary dict:
-    {status: finished|max_steps|max_minutes|interrupted, step, epoch, run_dir, last eval ...}.
+# ---- a run from start to end ---------------------------------------------------------------------
+def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(), progress: bool = True,
+          overwrite: bool = False) -> dict:
+    """Train `cfg` into run directory `out`, or resume the run there: with `sets` (--set) over its
+    config.toml, or with `cfg` as the wanted config; a resume may change only config.RESUME_SAFE. Returns a summary dict: {status: finished | max_steps |
+    max_minutes | interrupted, step, epoch, run_dir, minutes, the last evaluation, best}.
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 alone writes the run directory."""
-    out = Path(out)
-    ck = None
+    rundir = RunDir(out)
     if resume:
-        if not (out / "config.toml").is_file():
-            raise FileNotFoundError(f"{out}: not a run directory (no config.toml) to resume")
-        cfg = load_config(None, sets, base=tomllib.loads((out / "config.toml").read_text()))
-        ck = ckpt.load(out / "checkpoint.pt") if (out / "checkpoint.pt").exists() else None
+        cfg, ck, changes = _resume_config(rundir, sets, cfg)
     elif cfg is None:
         raise ValueError("train: a config is needed unless resuming")
+    else:
+        ck, changes = None, {}
+        if rundir.is_run() and not overwrite:
+            raise RunError(f"{rundir.path} already holds a run: continue it with --resume {rundir.path}, "
+                           f"start it again with --overwrite, or choose another --out")
     rt = make_runtime(cfg)
     failed = False
     try:
-        return _train(cfg, out, ck, resume, progress and rt.is_main, rt)
+        run = _start(cfg, rundir, ck, changes, rt, progress and rt.is_main, not resume, overwrite)
+        return _run_epochs(run)
     except RuntimeError as e:
         failed = True
-        if rt.mesh is None or isinstance(e, TrainingError):
+        if rt.mesh is None or isinstance(e, (TrainingError, RunError)):
             raise
         # A collective failed: a peer died (connection closed) or hung (timeout). Say so in one line.
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise DistributedError(
             f"rank {rt.rank}: a collective failed ({msg}); another rank died or hung for more than "
-            f"dist_timeout_s={cfg.dist_timeout_s:g}s. The last complete checkpoint in {out} is kept: "
-            f"resume with splitnet train --resume {out}") from None
+            f"dist_timeout_s={cfg.dist_timeout_s:g}s. The last complete checkpoint in {rundir.path} is "
+            f"kept: resume with splitnet train --resume {rundir.path}") from None
     finally:
+        rundir.unlock()
         if not failed:
             rt.close()
 
 
-def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
+def train_or_resume(cfg: TrainConfig, out, progress: bool = False) -> dict:
+    """The rule `reproduce` and `ablate` share: a run that is done (rundir.run_done: its epochs, or
+    its step or time budget, reached under `cfg`) is kept as it is; a started one is resumed with
+    `cfg` (which may raise its budgets, nothing unsafe); else it starts."""
+    rundir = RunDir(out)
+    if run_done(rundir.path, cfg):
+        log.info("%s is done; kept", rundir.path)
+        return {"status": "done", "run_dir": str(rundir.path)}
+    return train(cfg, rundir.path, resume=rundir.is_run(), progress=progress)
+
+
+def _resume_config(rundir: RunDir, sets, wanted: TrainConfig | None) -> tuple:
+    """(config with the resume's overrides, the checkpoint or None, {key: (old, new)} changed):
+    checked, nothing written."""
+    if not rundir.config.is_file():
+        raise FileNotFoundError(f"{rundir.path}: not a run directory (no config.toml) to resume")
+    base = tomllib.loads(rundir.config.read_text())
+    saved = load_config(None, (), base=base)
+    cfg = load_config(None, sets, base=base) if wanted is None else load_config(None, sets, base=to_dict(wanted))
+    changes = resume_changes(saved, cfg)
+    ck = ckpt.load(rundir.checkpoint) if rundir.checkpoint.exists() else None
+    return cfg, ck, changes
+
+
+def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bool, new_run: bool,
+           overwrite: bool) -> Run:
+    """Build everything a segment needs and check it (data, geometry, batch size, checkpoint); only
+    then write the run directory, so a failed start or a refused resume leaves it as it was."""
     main = rt.is_main
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(dump_toml(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not main:
@@ -220,30 +178,73 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
     train_ds = PackedDataset(cache, "train")
     val_ds = PackedDataset(cache, "val") if _has_split(cache, "val") else None
     classes = train_ds.classes
+    cfg = replace(cfg, model=replace(cfg.model, num_classes=len(classes)))  # what the model is built with
+    if len(train_ds) < cfg.batch_size:
+        raise ConfigError(f"batch_size = {cfg.batch_size} is larger than the training set ({len(train_ds)} "
+                          f"images in {cache})")
     torch.manual_seed(cfg.seed)  # the init
     model = rt.build_model(cfg, len(classes))
     check_input_geometry(cfg, model, train_ds.image_size, cache)
-    fmt = memory_format(cfg.precision)
-    if fmt == torch.channels_last:  # bf16_cl: conv weights NHWC (parameters keep their identity)
-        model.to(memory_format=fmt)
+    if memory_format(cfg.precision) == torch.channels_last:  # bf16_cl: conv weights NHWC
+        model.to(memory_format=torch.channels_last)
     opt = PaperSGD(param_groups(model, cfg.optim.weight_decay, cfg.optim.bias_decay),
                    lr=cfg.optim.lr, momentum=cfg.optim.momentum)
     sched = _schedule(cfg)
-    step, epoch, batch = 0, 0, 0
+    state = TrainState(lr=cfg.optim.lr)
     if ck is not None:
+        state = _restore(ck, rundir, model, opt, sched, classes, changes)
+    if main:
+        _write_start(cfg, rundir, ck, new_run, overwrite, state, data_desc, cache, classes, train_ds, val_ds,
+                     model, rt)
+    run = Run(cfg, rundir, rt, model, opt, sched, cache, train_ds, val_ds, classes, state, progress=progress,
+              elapsed0=state.elapsed_s)
+    if main:
+        run.metrics = Metrics(rundir.metrics)
+        for k, (old, new) in changes.items():
+            log.info("train: resume changes %s: %r -> %r", k, old, new)
+        if changes:
+            run.log(kind="resume", step=state.step, changes={k: list(v) for k, v in changes.items()})
+    return run
+
+
+def _restore(ck: dict, rundir: RunDir, model, opt, sched, classes, changes) -> TrainState:
+    """Weights, velocities, RNG and TrainState from the checkpoint (an explicit optim.lr override wins)."""
+    if list(ck.get("classes", classes)) != list(classes):
+        raise RunError(f"{rundir.checkpoint}: trained on {len(ck['classes'])} classes, but the data "
+                       f"has {len(classes)} ({', '.join(classes[:5])}...)")
+    try:
         ckpt.restore_model(model, ck, opt)
-        for g in opt.param_groups:
-            g["lr"] = float(ck["lr"])
-        if sched is not None and ck.get("schedule"):
-            sched.load_state_dict(ck["schedule"])
-        step, epoch, batch = int(ck["step"]), int(ck["epoch"]), int(ck["batch"])
-        ckpt.set_rng_state(ck["rng"])
-        if main:
-            Metrics.truncate_to(out / "metrics.jsonl", step, epoch)
-            log.info("train: resuming %s at step %d (epoch %d, batch %d)", out, step, epoch, batch)
-    elif resume and main:
-        log.info("train: %s has no checkpoint yet; starting from step 0", out)
-        Metrics.truncate_to(out / "metrics.jsonl", 0, 0)
+    except ValueError as e:
+        raise RunError(f"{rundir.checkpoint}: {e}") from None
+    state = TrainState.from_checkpoint(ck)
+    if "optim.lr" in changes:
+        state.lr = changes["optim.lr"][1]
+        log.info("train: optim.lr set to %g on resume (the checkpoint's eps was %g)", state.lr, float(ck["lr"]))
+    for g in opt.param_groups:
+        g["lr"] = state.lr
+    if sched is not None and state.schedule:
+        sched.load_state_dict(state.schedule)
+    ckpt.set_rng_state(ck["rng"])
+    return state
+
+
+def _write_start(cfg, rundir: RunDir, ck, new_run: bool, overwrite: bool, state, data_desc, cache, classes,
+                 train_ds, val_ds, model, rt) -> None:
+    """Everything is checked: lock the folder and write config.toml, run.json and the metrics' cut."""
+    rundir.lock()
+    if new_run and rundir.is_run():  # checked again under the lock: a run started meanwhile
+        if not overwrite:
+            raise RunError(f"{rundir.path} already holds a run: continue it with --resume {rundir.path}, "
+                           f"start it again with --overwrite, or choose another --out")
+        rundir.remove_run()
+    gone = rundir.clean_temporaries()
+    if gone:
+        log.info("train: removed %d temporary file(s) a killed write left: %s", len(gone), ", ".join(gone))
+    atomic_write_text(rundir.config, dump_toml(cfg))
+    Metrics.truncate_to(rundir.metrics, state.step, state.epoch)
+    if ck is not None:
+        log.info("train: resuming %s at step %d (epoch %d, batch %d)", rundir.path, state.step, state.epoch,
+                 state.batch)
     mesh = rt.mesh
     concurrency = {"requested": cfg.concurrency}
     if mesh is None and worth_calibrating(model):  # a GPU: time the candidates once (model/tune.py)
@@ -252,139 +253,162 @@ def _train(cfg, out: Path, ck, resume: bool, progress: bool, rt) -> dict:
         log.info("train: concurrency auto -> %s (one training pass: %s)", tuned["strategy"], ", ".join(
             f"{k} {1000 * v:.1f} ms" for k, v in tuned["step_s"].items()))
     concurrency["strategy"] = model.strategy
-    if main:
-        (out / "run.json").write_text(json.dumps({
-            "commit": git_commit(),
-            "devices": [str(d) for d in model.devices] if mesh is None else
-            [f"{mesh.world} ranks ({mesh.replicas} replica(s) x {mesh.columns} columns), {mesh.device} each"],
-            "data": data_desc, "cache": str(cache), "classes": classes, "train_images": len(train_ds),
-            "val_images": len(val_ds) if val_ds is not None else 0, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "layout": model.layout.name,
-            "precision": cfg.precision, "concurrency": concurrency,
-            "exchange_bytes_per_image": model.layout.exchange_bytes_per_image(),
-            "params": model.layout.params(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    static = {"data": data_desc, "cache": str(cache), "classes": classes, "train_images": len(train_ds),
+              "val_images": len(val_ds) if val_ds is not None else 0, "layout": model.layout.name,
+              "exchange_bytes_per_image": model.layout.exchange_bytes_per_image(),
+              "params": model.layout.params()}
+    segment = {"commit": git_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": state.step,
+               "devices": [str(d) for d in model.devices] if mesh is None else
+               [f"{mesh.world} ranks ({mesh.replicas} replica(s) x {mesh.columns} columns), {mesh.device} each"],
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "precision": cfg.precision,
+               "concurrency": concurrency}
+    rundir.start_segment(static, segment)
 
-    n_batches = len(train_ds) // cfg.batch_size
-    if n_batches == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(train_ds)} images)")
-    total = cfg.epochs * n_batches
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    metrics = Metrics(out / "metrics.jsonl") if main else None
-    bar = _Progress(total, step, cfg.log_every, progress, 60 * cfg.max_minutes)
-    state = dict(step=step, epoch=epoch, batch=batch)
 
-    def save():
-        weights, velocity = rt.checkpoint_tensors(model, opt)
-        if weights is None:
-            return
-        payload = dict(model=weights, velocity=velocity, format=ckpt.FORMAT, step=state["step"],
-                       epoch=state["epoch"], batch=state["batch"], lr=opt.param_groups[0]["lr"],
-                       rng=ckpt.rng_state(), schedule=sched.state_dict() if sched is not None else {},
-                       config=_plain(cfg), classes=list(classes), layout=model.layout.name)
-        ckpt.atomic_save(payload, out / "checkpoint.pt")
-
-    def write(**rec):
-        if metrics is not None:
-            metrics.write(**rec)
-
-    in_dev = model.devices[model.local[0]]
-    head_dev = model.devices[model.layout.head]
-    status, t_start = "finished", time.time()
-    last_eval = {}
+def _run_epochs(run: Run) -> dict:
+    """Epochs until the config's end or a budget, a signal or an error stops the run."""
+    cfg, st = run.cfg, run.state
+    status = budget_reached(cfg, st.step, st.epoch, run.elapsed0)
+    worked = status is None  # a resume of a run that is already done trains and writes nothing
+    run.bar = Progress(_total_steps(run), st.step, cfg.log_every, run.progress and worked,
+                       max(0.0, 60 * cfg.max_minutes - run.elapsed0) if cfg.max_minutes else 0.0)
     try:
-        with _Stop() as stop, tf32(cfg.precision):
-            while state["epoch"] < cfg.epochs and status == "finished":
-                e = state["epoch"]
-                loader = input_batches(model, cache, "train", cfg.batch_size, cfg, train_ds, epoch=e,
-                                       train=True, start_batch=state["batch"])
-                # Creating the iterator draws a base seed from the global RNG: fork it, so nothing
-                # depends on where in an epoch a run was resumed.
-                with torch.random.fork_rng(devices=[]):
-                    it = iter(loader)
-                while True:
-                    if cfg.max_steps and state["step"] >= cfg.max_steps:
-                        status = "max_steps"
-                        break
-                    try:
-                        x, y = next(it)
-                    except StopIteration:
-                        break
-                    except Exception:
-                        if stop.signal is not None:  # a worker killed by the same ^C
-                            status = "interrupted"
-                            break
-                        raise
-                    t0 = time.time()
-                    global_batch = len(x)
-                    x, y, offset = rt.share(x, y)
-                    x = x.to(in_dev, non_blocking=True).contiguous(memory_format=fmt)
-                    y = y.to(head_dev, non_blocking=True)
-                    # Dropout masks from (seed, step): identical on every placement and after a resume.
-                    model.set_dropout_stream(derive_seed(cfg.seed, STREAM_DROPOUT, state["step"]),
-                                             global_batch, offset)
-                    with autocast(cfg.precision, in_dev.type):  # forward and loss; backward follows
-                        logits = model(x)
-                        loss = F.cross_entropy(logits.float(), y) if logits is not None else None
-                    opt.zero_grad(set_to_none=True)
-                    rt.backward(model, loss)
-                    rt.sync_grads(model)
-                    lv = loss.item() if loss is not None else None
-                    err = (logits.argmax(1) != y).float().mean().item() if logits is not None else None
-                    out_of_time = bool(cfg.max_minutes and time.time() - t_start >= 60 * cfg.max_minutes)
-                    lv, err, why = rt.agree(lv, err, stop.signal is not None, out_of_time)
-                    if not math.isfinite(lv):
-                        raise TrainingError(
-                            f"loss is {lv} at step {state['step'] + 1} (epoch {e}); stopped. The last good "
-                            f"checkpoint ({out / 'checkpoint.pt'}, step {_ck_step(out)}) is kept. "
-                            f"Lower optim.lr or check the data.")
-                    opt.step()
-                    state["step"] += 1
-                    state["batch"] += 1
-                    dt = time.time() - t0
-                    lr = opt.param_groups[0]["lr"]
-                    # step_s: this step's compute (batch in hand to update done); time: the wall
-                    # clock, whose differences also count the waits for data (bench.input_path)
-                    write(kind="train", step=state["step"], epoch=e, batch=state["batch"], loss=lv,
-                          train_top1_err=err, lr=lr, step_s=dt, images_per_s=global_batch / dt, time=time.time())
-                    bar.update(state["step"], e, lv, lr, global_batch / dt)
-                    if why:  # every rank agrees on why (runtime.agree)
-                        status = why
-                        break
-                    if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                        save()
-                if status != "finished":
-                    break
-                # End of epoch: evaluate, maybe drop eps (§5), checkpoint at the next epoch's start.
-                if val_ds is not None and (e + 1) % cfg.eval_every == 0:
-                    last_eval = evaluate_split(model, cache, val_ds, cfg, rt)
-                    write(kind="eval", epoch=e, step=state["step"], **last_eval)
-                    if main:
-                        log.info("epoch %d: val top-1 err %.4f, top-5 err %.4f", e, last_eval["val_top1_err"],
-                                 last_eval["val_top5_err"])
-                if sched is not None and sched.step(e, last_eval.get("val_top1_err")):
-                    new = drop_lr(opt, cfg.optim.factor)
-                    if main:
-                        log.info("epoch %d: learning rate divided by %g -> %g", e, cfg.optim.factor, new)
-                state["epoch"] += 1
-                state["batch"] = 0
-                save()
-            if status in ("max_steps", "max_minutes") and cfg.eval_at_stop and val_ds is not None:
-                last_eval = evaluate_split(model, cache, val_ds, cfg, rt)
-                write(kind="eval", epoch=state["epoch"], step=state["step"], at_stop=True, **last_eval)
-                if main:
-                    log.info("stopped at step %d (%s): val top-1 err %.4f, top-5 err %.4f", state["step"],
-                             status, last_eval["val_top1_err"], last_eval["val_top5_err"])
-            if status != "finished":
-                save()
+        with run.stop, tf32(cfg.precision):
+            while status is None:
+                status = train_one_epoch(run)
+                if status is None:
+                    end_of_epoch(run)
+                    status = budget_reached(cfg, st.step, st.epoch, run.elapsed())
+            if worked and status in ("max_steps", "max_minutes") and st.batch and cfg.eval_at_stop:
+                _evaluate(run, at_stop=True)  # a mid-epoch stop: evaluate what it has
+            if worked and (st.batch or status == "interrupted"):
+                st.status = status
+                run.save()  # end_of_epoch saved an epoch's end already
     finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-    summary = dict(status=status, run_dir=str(out), **state, minutes=(time.time() - t_start) / 60, **last_eval)
-    if status == "interrupted" and main:
-        log.warning("train: interrupted at step %d; resume with: splitnet train --resume %s", state["step"], out)
-    return summary
+        run.bar.close()
+        if run.metrics is not None:
+            run.metrics.close()
+            run.dir.end_segment(status=status, step=st.step)
+    if status == "interrupted" and run.rt.is_main:
+        log.warning("train: interrupted at step %d; resume with: splitnet train --resume %s", st.step, run.dir.path)
+    return dict(status=status, run_dir=str(run.dir.path), step=st.step, epoch=st.epoch, batch=st.batch,
+                minutes=(time.time() - run.t0) / 60, total_minutes=run.elapsed() / 60, best=st.best,
+                **st.last_eval)
+
+
+def train_one_epoch(run: Run) -> str | None:
+    """The SGD steps of epoch run.state.epoch from batch run.state.batch on (§5). Returns why the run
+    stops inside the epoch (max_steps, max_minutes, interrupted), or None at the epoch's end."""
+    cfg, st = run.cfg, run.state
+    loader = input_batches(run.model, run.cache, "train", cfg.batch_size, cfg, run.train_ds, epoch=st.epoch,
+                           train=True, start_batch=st.batch)
+    # Creating the iterator draws a base seed from the global RNG: fork it, so nothing depends on
+    # where in an epoch a run was resumed.
+    with torch.random.fork_rng(devices=[]):
+        it = iter(loader)
+    while True:
+        if cfg.max_steps and st.step >= cfg.max_steps:
+            return "max_steps"
+        try:
+            x, y = next(it)
+        except StopIteration:
+            return None
+        except Exception:
+            if run.stop.signal is not None:  # a worker killed by the same ^C
+                return "interrupted"
+            raise
+        why = train_step(run, x, y)
+        if why:
+            return why
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> str | None:
+    """One SGD step on batch x [B, 3, S, S], y [B]. Returns why to stop after it, if anything."""
+    cfg, st, model, rt = run.cfg, run.state, run.model, run.rt
+    t0 = time.time()
+    global_batch = len(x)
+    x, y, offset = rt.share(x, y)
+    x = x.to(model.devices[model.local[0]], non_blocking=True).contiguous(memory_format=memory_format(cfg.precision))
+    y = y.to(model.devices[model.layout.head], non_blocking=True)
+    # Dropout masks from (seed, step): identical on every placement and after a resume.
+    model.set_dropout_stream(derive_seed(cfg.seed, STREAM_DROPOUT, st.step), global_batch, offset)
+    with autocast(cfg.precision, x.device.type):  # forward and loss; backward follows
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y) if logits is not None else None
+    run.opt.zero_grad(set_to_none=True)
+    rt.backward(model, loss)
+    rt.sync_grads(model)
+    lv = loss.item() if loss is not None else None
+    err = (logits.argmax(1) != y).float().mean().item() if logits is not None else None
+    out_of_time = bool(cfg.max_minutes and run.elapsed() >= 60 * cfg.max_minutes)
+    lv, err, why = rt.agree(lv, err, run.stop.signal is not None, out_of_time)
+    if not math.isfinite(lv):
+        raise TrainingError(
+            f"loss is {lv} at step {st.step + 1} (epoch {st.epoch}); stopped. The last good checkpoint "
+            f"({run.dir.checkpoint}, step {_ck_step(run.dir)}) is kept. Lower optim.lr or check the data.")
+    run.opt.step()
+    st.step += 1
+    st.batch += 1
+    dt = time.time() - t0
+    # step_s: this step's compute (batch in hand to update done); time: the wall clock, whose
+    # differences also count the waits for data (bench.input_path)
+    run.log(kind="train", step=st.step, epoch=st.epoch, batch=st.batch, loss=lv, train_top1_err=err, lr=st.lr,
+            step_s=dt, images_per_s=global_batch / dt, time=time.time())
+    run.bar.update(st.step, st.epoch, lv, st.lr, global_batch / dt)
+    if not why and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
+        run.save()
+    return why
+
+
+def end_of_epoch(run: Run) -> None:
+    """After an epoch: evaluate (every eval_every epochs), drop eps by the schedule (§5), checkpoint."""
+    cfg, st = run.cfg, run.state
+    e = st.epoch
+    fresh = None
+    if run.val_ds is not None and (e + 1) % cfg.eval_every == 0:
+        fresh = _evaluate(run)
+    # The plateau rule counts evaluations: an epoch without one is not a non-improving epoch, so
+    # the drops do not depend on eval_every's phase or on where a run was resumed.
+    if run.sched is not None and run.sched.step(e, fresh["val_top1_err"] if fresh else None):
+        st.lr = drop_lr(run.opt, cfg.optim.factor)
+        if run.rt.is_main:
+            log.info("epoch %d: learning rate divided by %g -> %g", e, cfg.optim.factor, st.lr)
+    if run.sched is not None:
+        st.schedule = run.sched.state_dict()
+    st.epoch += 1
+    st.batch = 0
+    st.status = budget_reached(cfg, st.step, st.epoch, run.elapsed()) or "running"
+    run.save()
+
+
+def _evaluate(run: Run, at_stop: bool = False) -> dict:
+    """Validation errors now; logged, kept as last_eval, and saved as best.pt when the best so far."""
+    st = run.state
+    res = evaluate_split(run.model, run.cache, run.val_ds, run.cfg, run.rt)
+    st.last_eval = res
+    extra = {"at_stop": True} if at_stop else {}
+    run.log(kind="eval", epoch=st.epoch, step=st.step, **extra, **res)
+    if run.rt.is_main:
+        log.info("%s: val top-1 err %.4f, top-5 err %.4f", f"stopped at step {st.step}" if at_stop else
+                 f"epoch {st.epoch}", res["val_top1_err"], res["val_top5_err"])
+    if res["val_top1_err"] < st.best.get("val_top1_err", math.inf):
+        st.best = {**res, "epoch": st.epoch, "step": st.step}
+        run.save_best()
+    return res
+
+
+def _total_steps(run: Run) -> int:
+    total = run.cfg.epochs * (len(run.train_ds) // run.cfg.batch_size)
+    return min(total, run.cfg.max_steps) if run.cfg.max_steps else total
+
+
+def _schedule(cfg: TrainConfig):
+    o = cfg.optim
+    if o.schedule == "plateau":
+        return PlateauSchedule(o.patience, o.factor, o.max_drops, o.min_delta)
+    if o.schedule == "milestones":
+        return MilestoneSchedule(o.milestones, o.factor)
+    return None
 
 
 def check_input_geometry(cfg: TrainConfig, model, cache_side: int, cache) -> None:
@@ -400,9 +424,9 @@ def check_input_geometry(cfg: TrainConfig, model, cache_side: int, cache) -> Non
                           f"{model.input_side}x{model.input_side} crops: set data.crop_size = {model.input_side}")
 
 
-def _ck_step(out: Path):
+def _ck_step(rundir: RunDir):
     try:
-        return int(ckpt.load(out / "checkpoint.pt")["step"])
+        return int(ckpt.load(rundir.checkpoint)["step"])
     except (FileNotFoundError, ValueError):
         return "none yet"
 
@@ -415,10 +439,6 @@ def _has_split(cache, split: str) -> bool:
         return False
 
 
-def _plain(cfg) -> dict:
-    return to_dict(cfg)
-
-
 # ---- command line -------------------------------------------------------------------------------
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a model (the paper's recipe; experiments/*.toml)")
@@ -426,7 +446,9 @@ def register(sub) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. max_steps=10 or optim.lr=0.02 (repeatable)")
     p.add_argument("--out", help="run directory")
-    p.add_argument("--resume", metavar="RUNDIR", help="continue the run in RUNDIR")
+    p.add_argument("--resume", metavar="RUNDIR", help="continue the run in RUNDIR (--set may change only "
+                   "budgets, evaluation, logging, devices and optim.lr)")
+    p.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
     p.add_argument("--data", help="a folder of class folders or a prepared cache (sets data.root)")
     p.set_defaults(func=_main)
 
@@ -438,6 +460,6 @@ def _main(args) -> int:
     else:
         if not args.out:
             raise FileNotFoundError("train: --out RUNDIR is needed (or --resume RUNDIR)")
-        summary = train(load_config(args.config, sets), args.out)
+        summary = train(load_config(args.config, sets), args.out, overwrite=args.overwrite)
     print(json.dumps(summary))
     return 130 if summary["status"] == "interrupted" else 0

@@ -1,0 +1,196 @@
+"""A run directory: what a training run keeps on disk, and the rules for reading it back.
+
+  config.toml      the resolved config the model was built with (paper defaults + experiment file + --set)
+  run.json         provenance: data set, classes, layout, and one entry per segment (each start or
+                   resume: commit, devices, threads, start and end time, steps, how it ended)
+  metrics.jsonl    one JSON object per line: {"kind": "train", step, epoch, loss, lr, ...} per step,
+                   {"kind": "eval", epoch, step, val_top1_err, val_top5_err} per evaluation
+  checkpoint.pt    the last checkpoint (checkpoint.py: atomic, weights_only loadable)
+  best.pt          the weights of the best validation evaluation so far
+  .lock            held (flock) by the one process training into the folder
+
+Writes are atomic (temporary file, then rename), so a kill at any moment leaves the last complete
+version of each file; the temporaries a kill leaves behind are removed at the next start.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from . import checkpoint as ckpt
+from .errors import RunError, RunLockedError
+
+RUN_FILES = ("config.toml", "run.json", "metrics.jsonl", "checkpoint.pt", "best.pt")
+__all__ = ["RunDir", "RunError", "RunLockedError", "Metrics", "read_metrics", "budget_reached", "run_done"]
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RunDir:
+    """Paths and file rules of one run directory (nothing is created until a run starts)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.config = self.path / "config.toml"
+        self.info = self.path / "run.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoint = self.path / "checkpoint.pt"
+        self.best = self.path / "best.pt"
+        self._lock_file = None
+
+    def is_run(self) -> bool:
+        """Holds a run (started, maybe never checkpointed)."""
+        return any((self.path / f).exists() for f in RUN_FILES)
+
+    def lock(self) -> "RunDir":
+        """Take the folder's lock (released when the process ends or at unlock()); a second
+        `splitnet train` on the same folder stops here, naming the holder."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunLockedError(f"{self.path} is in use by {holder}: one `splitnet train` per run "
+                                 f"directory at a time") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        self._lock_file = f
+        return self
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def clean_temporaries(self) -> list:
+        """Remove the temporary files of writes a kill cut short (`.NAME.tmp-PID`); returns their names."""
+        gone = []
+        for p in self.path.glob(".*.tmp-*"):
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
+        return gone
+
+    def remove_run(self) -> None:
+        """--overwrite: delete the run's files (only those; anything else in the folder stays)."""
+        for f in RUN_FILES:
+            (self.path / f).unlink(missing_ok=True)
+
+    def start_segment(self, static: dict, segment: dict) -> None:
+        """run.json: `static` (data, classes, layout, ...) and one more segment in its history."""
+        old = self.read_info()
+        segments = old.get("segments", [])
+        info = {**static, **segment, "segments": segments + [segment]}
+        atomic_write_text(self.info, json.dumps(info, indent=2))
+
+    def end_segment(self, **fields) -> None:
+        info = self.read_info()
+        if info.get("segments"):
+            info["segments"][-1].update(fields, ended=time.strftime("%Y-%m-%d %H:%M:%S"))
+            atomic_write_text(self.info, json.dumps(info, indent=2))
+
+    def read_info(self) -> dict:
+        try:
+            return json.loads(self.info.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+
+class Metrics:
+    """metrics.jsonl: appended line by line and flushed, so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "a")
+
+    def write(self, **rec) -> None:
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+    @staticmethod
+    def truncate_to(path: Path, step: int, epoch: int) -> None:
+        """Drop lines a resumed run will write again (train steps after `step`, evals of epochs >=
+        `epoch`, lines a kill cut short), atomically: a kill during this leaves the old file."""
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("kind") == "eval" and r.get("epoch", 0) >= epoch:
+                continue
+            if r.get("kind") == "train" and r.get("step", 0) > step:
+                continue
+            keep.append(line)
+        atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+def read_metrics(run_dir) -> list:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line a kill cut short
+    return out
+
+
+def budget_reached(cfg, step: int, epoch: int, elapsed_s: float) -> str | None:
+    """The one rule for "this run has done what its config asks": "finished" (all epochs),
+    "max_steps" or "max_minutes" (a budget, counted over every segment of the run), else None."""
+    if epoch >= cfg.epochs:
+        return "finished"
+    if cfg.max_steps and step >= cfg.max_steps:
+        return "max_steps"
+    if cfg.max_minutes and elapsed_s >= 60 * cfg.max_minutes:
+        return "max_minutes"
+    return None
+
+
+def run_done(run_dir, cfg) -> bool:
+    """A run is done when its last checkpoint reached what `cfg` asks (budget_reached): a run that
+    stopped at its time or step budget is done, and is not trained again."""
+    run = RunDir(run_dir)
+    if not run.checkpoint.exists():
+        return False
+    ck = ckpt.load(run.checkpoint)
+    st = ck.get("state", {})
+    elapsed = float(st.get("elapsed_s", 0.0))
+    if "elapsed_s" not in st and any(m.get("at_stop") for m in read_metrics(run.path) if m["kind"] == "eval"):
+        return True  # a checkpoint from before elapsed time was recorded, stopped by a budget
+    return budget_reached(cfg, int(ck["step"]), int(ck["epoch"]), elapsed) is not None
