@@ -11,10 +11,12 @@ import importlib
 import logging
 import sys
 
+from . import __version__
 from .config import ConfigError
 from .model.layout import LayoutError
 from .model.placement import DeviceError
 from .train.distributed import DistributedError
+from .train.errors import RunError
 from .train.loop import TrainingError
 from .train.memory import keep_freed_memory
 
@@ -27,7 +29,7 @@ USER_ERRORS = (ConfigError, LayoutError, DeviceError, FileNotFoundError, NotADir
 
 def _user_errors() -> tuple:
     """Errors printed as one line: the user's input or a run that cannot go on, not a bug."""
-    return USER_ERRORS + (TrainingError, DistributedError)
+    return USER_ERRORS + (TrainingError, DistributedError, RunError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="splitnet",
         description="The two-GPU AlexNet of Krizhevsky, Sutskever & Hinton (NIPS 2012), as the paper laid it out.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
