@@ -258,3 +258,21 @@ def test_metrics_truncation_drops_a_cut_line_and_later_steps(c32, tmp_path):
     s = train(out=out, resume=True, sets=["max_steps=5"], progress=False)
     recs = _train_recs(out)
     assert s["step"] == 5 and [m["step"] for m in recs] == [1, 2, 3, 4, 5] and recs[3]["loss"] != 9.0
+
+
+# ---- 7: a capped run ends at a small eps --------------------------------------------------------
+def test_budget_drops_divide_eps_as_the_budget_runs_out(c32, tmp_path):
+    out = tmp_path / "r"
+    train(_cfg(c32, "max_steps=10", "optim.budget_drops=[0.5, 0.8]", 'optim.schedule="none"'), out, progress=False)
+    assert [m["lr"] for m in _train_recs(out)] == pytest.approx([0.02] * 5 + [0.002] * 3 + [0.0002] * 2)
+    assert ckpt.load(out / "checkpoint.pt")["state"]["budget_drops"] == 2
+    with pytest.raises(Exception, match="budget_drops: increasing fractions"):
+        _cfg(c32, "optim.budget_drops=[0.9, 0.5]")
+
+
+def test_train_state_round_trips_through_a_checkpoint():
+    from splitnet.train.state import TrainState
+    st = TrainState(step=7, epoch=2, batch=3, lr=0.5, elapsed_s=12.5, schedule={"best": 0.3, "bad_epochs": 1,
+                    "drops": 0}, budget_drops=1, last_eval={"val_top1_err": 0.4}, best={"val_top1_err": 0.3,
+                    "epoch": 1, "step": 5}, status="max_minutes")
+    assert TrainState.from_checkpoint(st.to_checkpoint()) == st

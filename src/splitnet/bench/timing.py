@@ -45,7 +45,7 @@ def train_step(net, opt, x, y, step: int = 0, mode: str = "fp32", rt=_LOCAL, ful
     rt.sync_grads(net)
     lv = loss.item() if loss is not None else None
     err = (logits.argmax(1) != y).float().mean().item() if logits is not None else None
-    rt.agree(lv or 0.0, err or 0.0, False, False)
+    rt.agree(lv or 0.0, err or 0.0, False, 0.0)
     opt.step()
 
 

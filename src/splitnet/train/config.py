@@ -40,6 +40,10 @@ class OptimConfig:
     max_drops: int = 3
     min_delta: float = 0.0
     milestones: tuple = (23, 49)
+    # Not the paper's: divide eps by `factor` when these fractions of the run's budget (max_minutes
+    # or max_steps) are spent, e.g. [0.75, 0.9]: a capped run ends at a small eps, stably, even when
+    # it is too short for the schedule above to fire. () = off.
+    budget_drops: tuple = ()
 
     def __post_init__(self):
         if self.schedule not in ("plateau", "milestones", "none"):
@@ -48,6 +52,8 @@ class OptimConfig:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if self.patience < 1:
             raise ConfigError(f"patience: must be >= 1, got {self.patience}")
+        if any(not 0 < f < 1 for f in self.budget_drops) or list(self.budget_drops) != sorted(self.budget_drops):
+            raise ConfigError(f"budget_drops: increasing fractions between 0 and 1, got {list(self.budget_drops)}")
 
 
 @dataclass(frozen=True)

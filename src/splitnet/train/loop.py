@@ -36,7 +36,8 @@ from .distributed import DistributedError
 from .evaluate import evaluate_split, input_batches
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
 from .progress import Progress, StopFlag
-from .rundir import Metrics, RunDir, RunError, atomic_write_text, budget_reached, git_commit, read_metrics, run_done
+from .rundir import (Metrics, RunDir, RunError, atomic_write_text, budget_fraction, budget_reached, git_commit,
+                     read_metrics, run_done)
 from .runtime import make_runtime
 from .state import TrainState
 
@@ -340,8 +341,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> str | None:
     rt.sync_grads(model)
     lv = loss.item() if loss is not None else None
     err = (logits.argmax(1) != y).float().mean().item() if logits is not None else None
-    out_of_time = bool(cfg.max_minutes and run.elapsed() >= 60 * cfg.max_minutes)
-    lv, err, why = rt.agree(lv, err, run.stop.signal is not None, out_of_time)
+    lv, err, signalled, elapsed = rt.agree(lv, err, run.stop.signal is not None, run.elapsed())
     if not math.isfinite(lv):
         raise TrainingError(
             f"loss is {lv} at step {st.step + 1} (epoch {st.epoch}); stopped. The last good checkpoint "
@@ -355,9 +355,24 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> str | None:
     run.log(kind="train", step=st.step, epoch=st.epoch, batch=st.batch, loss=lv, train_top1_err=err, lr=st.lr,
             step_s=dt, images_per_s=global_batch / dt, time=time.time())
     run.bar.update(st.step, st.epoch, lv, st.lr, global_batch / dt)
+    _budget_drops(run, elapsed)  # for the next step
+    why = "interrupted" if signalled else budget_reached(cfg, st.step, st.epoch, elapsed, steps=False)
     if not why and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
         run.save()
     return why
+
+
+def _budget_drops(run: Run, elapsed: float) -> None:
+    """optim.budget_drops: divide eps as a capped run's budget runs out (a deviation from the
+    paper's plateau rule, for runs too short to reach a plateau; experiments/reproduce.toml)."""
+    cfg, st = run.cfg, run.state
+    due = sum(f <= budget_fraction(cfg, st.step, elapsed) for f in cfg.optim.budget_drops)
+    while st.budget_drops < due:
+        st.budget_drops += 1
+        st.lr = drop_lr(run.opt, cfg.optim.factor)
+        if run.rt.is_main:
+            log.info("step %d: %d%% of the budget spent; learning rate divided by %g -> %g", st.step,
+                     round(100 * cfg.optim.budget_drops[st.budget_drops - 1]), cfg.optim.factor, st.lr)
 
 
 def end_of_epoch(run: Run) -> None:

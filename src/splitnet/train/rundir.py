@@ -170,16 +170,26 @@ def read_metrics(run_dir) -> list:
     return out
 
 
-def budget_reached(cfg, step: int, epoch: int, elapsed_s: float) -> str | None:
+def budget_reached(cfg, step: int, epoch: int, elapsed_s: float, steps: bool = True) -> str | None:
     """The one rule for "this run has done what its config asks": "finished" (all epochs),
-    "max_steps" or "max_minutes" (a budget, counted over every segment of the run), else None."""
+    "max_steps" or "max_minutes" (a budget, counted over every segment of the run), else None.
+    steps=False: not max_steps (the loop checks it before taking a batch)."""
     if epoch >= cfg.epochs:
         return "finished"
-    if cfg.max_steps and step >= cfg.max_steps:
+    if steps and cfg.max_steps and step >= cfg.max_steps:
         return "max_steps"
     if cfg.max_minutes and elapsed_s >= 60 * cfg.max_minutes:
         return "max_minutes"
     return None
+
+
+def budget_fraction(cfg, step: int, elapsed_s: float) -> float:
+    """How much of the run's budget is spent, 0..1: the larger of the step and time fractions (0
+    when the run has neither budget)."""
+    parts = [step / cfg.max_steps] if cfg.max_steps else []
+    if cfg.max_minutes:
+        parts.append(elapsed_s / (60 * cfg.max_minutes))
+    return max(parts, default=0.0)
 
 
 def run_done(run_dir, cfg) -> bool:

@@ -35,10 +35,10 @@ class LocalRuntime:
     def sync_grads(self, model) -> None:
         pass
 
-    def agree(self, loss: float, err: float, signalled: bool, out_of_time: bool) -> tuple:
-        """(global loss, global train error, why to stop: "interrupted", "max_minutes" or None),
-        the same on every process."""
-        return loss, err, _why(signalled, out_of_time)
+    def agree(self, loss: float, err: float, signalled: bool, elapsed_s: float) -> tuple:
+        """(global loss, global train error, whether a stop signal came, the run's elapsed time), the
+        same on every process: budget decisions made from them agree across ranks."""
+        return loss, err, signalled, elapsed_s
 
     def eval_result(self, errs: dict | None) -> dict:
         return errs
@@ -82,13 +82,14 @@ class DistRuntime(LocalRuntime):
     def sync_grads(self, model) -> None:
         self.D.average_gradients(model, self.mesh)
 
-    def agree(self, loss, err, signalled, out_of_time):
+    def agree(self, loss, err, signalled, elapsed_s):
         # Only the head column of each replica has a loss: sum them and divide by the replicas.
-        # One collective per step also carries the stop flags, so all ranks stop at the same step.
+        # One collective per step also carries the stop flag and the clocks (their mean), so all
+        # ranks stop, and drop eps on a time budget, at the same step.
         m = self.mesh
-        total_loss, total_err, sig, late = self.D.reduce_scalars(
-            [0.0 if loss is None else loss, 0.0 if err is None else err, float(signalled), float(out_of_time)], m)
-        return total_loss / m.replicas, total_err / m.replicas, _why(sig > 0, late > 0)
+        total_loss, total_err, sig, clock = self.D.reduce_scalars(
+            [0.0 if loss is None else loss, 0.0 if err is None else err, float(signalled), float(elapsed_s)], m)
+        return total_loss / m.replicas, total_err / m.replicas, sig > 0, clock / m.world
 
     def eval_result(self, errs):
         # Every replica evaluates the whole validation set; replica 0's head column reports.
@@ -108,10 +109,6 @@ class DistRuntime(LocalRuntime):
 
     def close(self) -> None:
         self.D.shutdown()
-
-
-def _why(signalled: bool, out_of_time: bool):
-    return "interrupted" if signalled else ("max_minutes" if out_of_time else None)
 
 
 def make_runtime(cfg):

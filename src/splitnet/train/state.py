@@ -15,6 +15,7 @@ class TrainState:
     lr: float = 0.0  # the current eps (after schedule drops and explicit overrides)
     elapsed_s: float = 0.0  # training time over every segment: max_minutes is a run total
     schedule: dict = field(default_factory=dict)  # the eps schedule's own state (optim.py)
+    budget_drops: int = 0  # eps drops made by optim.budget_drops so far
     last_eval: dict = field(default_factory=dict)  # the latest validation evaluation
     best: dict = field(default_factory=dict)  # the best one: val errors, epoch, step (best.pt)
     status: str = "running"  # how the last segment ended: finished, max_steps, max_minutes, interrupted
@@ -31,5 +32,6 @@ class TrainState:
         st = dict(ck.get("state", {}))
         return cls(step=int(ck["step"]), epoch=int(ck["epoch"]), batch=int(ck["batch"]), lr=float(ck["lr"]),
                    schedule=dict(ck.get("schedule") or {}), elapsed_s=float(st.get("elapsed_s", 0.0)),
+                   budget_drops=int(st.get("budget_drops", 0)),
                    last_eval=dict(st.get("last_eval", {})), best=dict(st.get("best", {})),
                    status=str(st.get("status", "running")))
