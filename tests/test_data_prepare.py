@@ -268,3 +268,99 @@ def test_cli_prepare_and_info(tmp_path, capsys):
     assert "32x32 uint8, 2 classes" in out and "train: 4 images" in out
     assert main(["data", "info", str(tmp_path / "src")]) == 2  # not a cache: one clear line
     assert "not a complete splitnet cache" in capsys.readouterr().err
+
+
+# ---- symbolic links, unreadable folders, hidden entries (issue 13, item 10) -------------------------
+def _prep32(root, out, **kw):
+    return prepare(root, out, workers=1, image_size=32, progress=False, **kw)
+
+
+def test_symlink_loop_inside_a_class_is_walked_once_and_reported(tmp_path):
+    root = _good_source(tmp_path / "src", n_per_class=3)
+    a = root / "train" / "a"
+    os.symlink(".", a / "loop")  # a -> a -> a ...: os.walk(followlinks=True) listed a's images 41 times
+    os.symlink("..", a / "up")  # to train/: would pack b's images with a's label
+    os.symlink("000.JPEG", a / "same.JPEG")  # a second link to a file: packed once
+    (root / "train" / "b" / "more").mkdir()
+    _save(_noise(40, 30, seed=77), root / "train" / "b" / "more" / "x.JPEG")  # a real subfolder is still read
+    report = _prep32(root, tmp_path / "c")
+    tr = report["splits"]["train"]
+    assert tr["files"] == 7 and tr["packed"] == 7
+    assert PackedDataset(tmp_path / "c", "train").labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    links = {s["file"]: s["reason"] for s in tr["links_skipped"]}
+    assert set(links) == {"train/a/loop", "train/a/up", "train/a/same.JPEG"}
+    assert "already listed as train/a/" in links["train/a/loop"] and "loop" in links["train/a/loop"]
+    assert "already listed as train/" in links["train/a/up"]
+    assert "same file as train/a/000.JPEG" in links["train/a/same.JPEG"]
+
+
+def test_a_link_to_a_folder_outside_the_source_is_followed(tmp_path):
+    root = _good_source(tmp_path / "src", n_per_class=2)
+    extra = tmp_path / "elsewhere"
+    _save(_noise(40, 30, seed=5), extra / "e.JPEG")
+    os.symlink(extra, root / "train" / "a" / "extra")
+    tr = _prep32(root, tmp_path / "c")["splits"]["train"]
+    assert tr["packed"] == 5 and not tr["links_skipped"]
+
+
+def test_a_dangling_image_link_counts_as_unreadable(tmp_path, capsys):
+    root = _good_source(tmp_path / "src", n_per_class=3)
+    os.symlink(tmp_path / "gone.JPEG", root / "train" / "a" / "zz_gone.JPEG")
+    out = tmp_path / "c"
+    with pytest.raises(DataError, match="1 of 7 files unreadable.*zz_gone.JPEG: broken symbolic link"):
+        _prep32(root, out)  # the default max_bad_fraction 0.01: one bad file of 7 is too many
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["status"].startswith("failed")
+    (bad,) = rep["splits"]["train"]["skipped"]
+    assert bad["file"] == "train/a/zz_gone.JPEG" and "gone.JPEG" in bad["reason"] and "No such file" in bad["reason"]
+    report = _prep32(root, out, max_bad_fraction=0.5)
+    tr = report["splits"]["train"]
+    assert report["status"] == "complete" and tr["packed"] == 6 and tr["files"] == 7
+    assert [s["file"] for s in tr["skipped"]] == ["train/a/zz_gone.JPEG"]
+    with pytest.raises(DataError, match="zz_gone.JPEG: broken symbolic link.*strict"):
+        _prep32(root, tmp_path / "c2", strict=True, max_bad_fraction=0.5)
+    assert main(["data", "prepare", "--src", str(root), "--out", str(tmp_path / "c3"), "--workers", "1",
+                 "--image-size", "32", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "zz_gone.JPEG" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("target", ["missing", "loop"])
+def test_a_broken_class_folder_link_is_an_error_not_a_label_shift(tmp_path, target):
+    root = _good_source(tmp_path / "src", n_per_class=1, classes=("a", "c"))
+    link = root / "train" / "b"
+    os.symlink(tmp_path / "nowhere" if target == "missing" else link, link)
+    with pytest.raises(DataError, match=r"train/b: broken symbolic link.*shift the labels"):
+        _prep32(root, tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+def test_an_unreadable_class_folder_is_an_error_naming_it(tmp_path, monkeypatch, capsys):
+    root = _good_source(tmp_path / "src", n_per_class=2)
+    denied = root / "train" / "b"
+    real = os.scandir
+
+    def scandir(path="."):  # tests run as root, where chmod 000 does not stop reading
+        if os.fspath(path) == str(denied):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"train/b: cannot read this folder \(Permission denied\)"):
+        _prep32(root, tmp_path / "c")
+    assert main(["data", "prepare", "--src", str(root), "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "train/b" in err and "Permission denied" in err and "Traceback" not in err
+
+
+def test_hidden_files_and_folders_are_listed(tmp_path):
+    root = _good_source(tmp_path / "src", n_per_class=1)
+    (root / "train" / ".DS_Store").write_bytes(b"\0")
+    _save(_noise(40, 30), root / "train" / "a" / ".ipynb_checkpoints" / "x.JPEG")
+    (root / "train" / "a" / "._000.JPEG").write_bytes(b"\0")
+    (root / "val" / ".trash").mkdir()
+    report = _prep32(root, tmp_path / "c")
+    assert report["splits"]["train"]["hidden"] == {
+        "count": 3, "paths": ["train/.DS_Store", "train/a/._000.JPEG", "train/a/.ipynb_checkpoints/"]}
+    assert report["splits"]["val"]["hidden"] == {"count": 1, "paths": ["val/.trash/"]}
+    assert report["splits"]["train"]["packed"] == 2

@@ -38,7 +38,8 @@ from . import cache as C
 from . import stats as S
 from .config import DataConfig, DataError
 from .decode import RESAMPLE
-from .shards import Progress, assemble, shard_settings, shard_size_for
+from .progress import Progress
+from .shards import assemble, shard_settings, shard_size_for
 
 try:  # numpy >= 2 (the old name still loads, through a deprecation shim)
     from numpy._core.multiarray import _reconstruct

@@ -8,7 +8,8 @@
                           all in 0..255 units, over every pixel of every packed training image (§4.1)
       report.json         per split: files listed, images packed, files skipped (with the reason),
                           notes on packed files (CMYK, grayscale, PNG named .JPEG, upscaled...),
-                          files ignored (not image files, not in a class folder), empty class folders
+                          files ignored (not image files, not in a class folder), empty class folders,
+                          links not followed (loops, second links), hidden entries (count, paths)
       manifest.jsonl      one line per finished shard (resumption bookkeeping)
       train/ val/
         shard-00000.npy   uint8 [n, 3, 256, 256], RGB, channel-first; opened with mmap_mode="r"

@@ -67,9 +67,20 @@ def _prepare(args) -> int:
     report = prepare(args.src, args.out, cfg=cfg, progress=not args.no_progress)
     for split, r in report["splits"].items():
         print(f"{split}: {r['packed']} of {r['files']} images packed, {len(r['skipped'])} skipped, "
-              f"{len(r['notes'])} packed with a note (converted, upscaled), {len(r['ignored'])} other files ignored")
+              f"{len(r['notes'])} packed with a note (converted, upscaled), {len(r['ignored'])} other files ignored"
+              + _left_out(r))
     print(f"cache ready: {args.out} (details: {Path(args.out) / 'report.json'})")
     return 0
+
+
+def _left_out(r: dict) -> str:
+    """', 2 hidden, 1 link not followed' for what a folder listing left out (none for an archive)."""
+    parts = []
+    if r.get("hidden", {}).get("count"):
+        parts.append(f"{r['hidden']['count']} hidden")
+    if r.get("links_skipped"):
+        parts.append(f"{len(r['links_skipped'])} link(s) not followed")
+    return "".join(", " + p for p in parts)
 
 
 def _default_size(src) -> int:

@@ -10,9 +10,10 @@ manifest.jsonl; a rerun with the same source and settings skips every shard whos
 and whose files are intact, and redoes the others (new, changed, interrupted). Interrupting
 (Ctrl-C) loses at most the shards in flight.
 
-Bad input never stops the run silently or loses work: unreadable files are skipped and listed with
-their reason; more than `max_bad_fraction` of a split unreadable stops with an error naming the
-first ones (report.json is still written); `strict` stops at the first one.
+Bad input never stops the run silently or loses work: unreadable files (corrupt, or a broken link,
+found while listing) are skipped and listed with their reason; more than `max_bad_fraction` of a split
+unreadable stops with an error naming the first ones (report.json is still written); `strict` stops
+at the first one. Links not followed (loops, second links) and hidden entries are listed too.
 """
 from __future__ import annotations
 
@@ -34,9 +35,14 @@ from .archive import prepare_archive
 from .config import DataConfig, DataError
 from .decode import BadImage, load_image
 from .folders import list_source
-from .shards import Progress, assemble, shard_settings, shard_size_for
+from .progress import Progress
+from .shards import assemble, shard_settings, shard_size_for
 
 log = logging.getLogger(__name__)
+
+# report.json lists at most this many hidden paths per split (a folder of macOS ._ files can hold
+# as many as there are images); the count is always exact.
+HIDDEN_LISTED = 100
 
 
 @dataclass(frozen=True)
@@ -195,9 +201,7 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
         plans[split] = [ShardTask(split, i, tuple((f.rel, f.label) for f in ch), _key(settings, split, ch),
                                   str(src.resolve()), str(out.resolve()), cfg.image_size, cfg.resample,
                                   cfg.max_image_pixels, cfg.strict) for i, ch in enumerate(chunks)]
-        if listing.empty_classes:
-            log.warning("prepare: %s: %d class folder(s) without images: %s", split, len(listing.empty_classes),
-                        ", ".join(listing.empty_classes[:10]))
+        _warn_listing(listing)
     if "val" not in listings:
         log.warning("prepare: %s has no val/ folder: the cache will have a training split only", src)
 
@@ -218,11 +222,11 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
     bar = Progress(sum(len(t.files) for t in todo), progress)
 
     def check_bad(split: str) -> None:
-        skipped = [s for (sp, _), m in sorted(metas.items()) if sp == split for s in m["skipped"]]
+        skipped = _skipped(listings[split], metas)
         if skipped and cfg.strict:
             s = skipped[0]
             raise DataError(f"{src / s['file']}: {s['reason']} (strict: stopped at the first unreadable file)")
-        total = len(listings[split].files)
+        total = _n_files(listings[split])
         if len(skipped) > cfg.max_bad_fraction * total:
             first = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
             raise DataError(f"{src / split}: {len(skipped)} of {total} files unreadable, more than max_bad_fraction "
@@ -260,17 +264,46 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
     return report
 
 
+def _warn_listing(listing) -> None:
+    """One warning line per kind of thing the listing left out, so none goes by unnoticed."""
+    split = listing.split
+    if listing.empty_classes:
+        log.warning("prepare: %s: %d class folder(s) without images: %s", split, len(listing.empty_classes),
+                    ", ".join(listing.empty_classes[:10]))
+    if listing.links_skipped:
+        first = listing.links_skipped[0]
+        log.warning("prepare: %s: %d symbolic link(s) not followed (loops, second links, broken links), "
+                    "listed in report.json; first: %s: %s", split, len(listing.links_skipped), first["file"],
+                    first["reason"])
+    if listing.unreadable:
+        log.warning("prepare: %s: %d image(s) cannot be opened (broken links), counted as unreadable; first: %s",
+                    split, len(listing.unreadable), listing.unreadable[0]["file"])
+
+
+def _n_files(listing) -> int:
+    """Image files of a split, the unreadable ones included: the base of max_bad_fraction."""
+    return len(listing.files) + len(listing.unreadable)
+
+
+def _skipped(listing, metas: dict) -> list:
+    """Every unreadable file of a split: found while listing (broken links), then while packing."""
+    packed = [s for (sp, _), m in sorted(metas.items()) if sp == listing.split for s in m["skipped"]]
+    return listing.unreadable + packed
+
+
 def _report(src, out, listings, metas, status) -> dict:
     splits = {}
     for split, listing in listings.items():
         ms = [m for (sp, _), m in sorted(metas.items()) if sp == split]
         splits[split] = {
-            "files": len(listing.files),
+            "files": _n_files(listing),
             "packed": sum(m["count"] for m in ms),
-            "skipped": [s for m in ms for s in m["skipped"]],
+            "skipped": _skipped(listing, metas),
             "notes": [c for m in ms for c in m["notes"]],
             "ignored": listing.ignored,
             "empty_classes": listing.empty_classes,
+            "links_skipped": listing.links_skipped,
+            "hidden": {"count": len(listing.hidden), "paths": listing.hidden[:HIDDEN_LISTED]},
         }
     return {"status": status, "src": str(Path(src).resolve()), "out": str(Path(out).resolve()), "splits": splits}
 

@@ -1,13 +1,11 @@
 """What folder preparation (preparation.py) and the CIFAR-10 archive (archive.py) share: the shard
-plan, the settings a shard's content depends on, progress, and assembling the finished shards into the
+plan, the settings a shard's content depends on, and assembling the finished shards into the
 cache (cache.py's layout).
 """
 from __future__ import annotations
 
 import logging
 import math
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,36 +29,6 @@ def shard_settings(cfg: DataConfig) -> dict:
     """What a shard's content depends on besides its files; part of every shard key."""
     return {"format": C.FORMAT_VERSION, "image_size": cfg.image_size, "resample": cfg.resample,
             "max_image_pixels": cfg.max_image_pixels}
-
-
-# ---- progress --------------------------------------------------------------------------------------
-class Progress:
-    """A tqdm bar on a terminal; plain log lines (about every 10% or 30 s) otherwise."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done = total, 0
-        self.t0 = self.last = time.monotonic()
-        self.bar = None
-        self.enabled = enabled and total > 0
-        if self.enabled and sys.stderr.isatty():
-            from tqdm import tqdm  # here, not at the top: only a terminal gets a bar
-            self.bar = tqdm(total=total, unit="img", desc="prepare", dynamic_ncols=True)
-
-    def update(self, n: int, what: str) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled:
-            now = time.monotonic()
-            if self.done == self.total or now - self.last > 30 or \
-                    int(10 * self.done / self.total) > int(10 * (self.done - n) / self.total):
-                rate = self.done / max(now - self.t0, 1e-9)
-                log.info("prepare: %d/%d images (%.0f img/s), last finished %s", self.done, self.total, rate, what)
-                self.last = now
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ---- the cache from finished shards ---------------------------------------------------------------

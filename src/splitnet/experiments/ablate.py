@@ -35,10 +35,11 @@ from ..train.evaluate import evaluate_checkpoints
 from ..train.loop import read_metrics, train
 from .fig1 import figure1
 from .figures import colour_specificity, conv1_columns
+from .locate import experiments_dir
 
 log = logging.getLogger("splitnet")
 
-EXPERIMENTS = Path(__file__).resolve().parents[3] / "experiments"
+EXPERIMENTS = experiments_dir()  # $SPLITNET_EXPERIMENTS, the checkout, or the installed copy (locate.py)
 ABLATIONS = EXPERIMENTS / "ablations"
 # Top-level keys of an experiment file that describe it rather than configure the run. `geometries`:
 # the scales at which the experiment means something (default: every one), e.g. 227-pixel crops

@@ -22,10 +22,11 @@ from ..train.config import load_config
 from ..train.evaluate import evaluate_checkpoints, format_rows
 from ..train.loop import read_metrics, train
 from .figures import figure3, figure4, training_curves
+from .locate import experiments_dir
 
 log = logging.getLogger("splitnet")
 
-EXPERIMENTS = Path(__file__).resolve().parents[3] / "experiments"
+EXPERIMENTS = experiments_dir()  # $SPLITNET_EXPERIMENTS, the checkout, or the installed copy (locate.py)
 
 # The paper's numbers (paper-spec §5). Top-1 / top-5 error in %.
 PAPER = [

@@ -6,7 +6,9 @@ ensemble (the paper's 5 and 7 CNNs) averages the models' probabilities likewise.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -15,27 +17,32 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from ..config import replace
 from ..data import DeviceBatches, PackedDataset, make_loader, resolve_data
+from ..data.progress import Progress
 from ..model.precision import autocast, memory_format, tf32
 from .config import TrainConfig
 
 
 @torch.no_grad()
-def predict_probs(model, batches, max_batches: int = 0, mode: str = "fp32"):
+def predict_probs(model, batches, max_batches: int = 0, mode: str = "fp32", progress: bool = False,
+                  desc: str = "eval"):
     """(probabilities [N, C] float32 CPU, labels [N] int64) over `batches` of (x, y).
 
     x: [B, 3, S, S] (one patch) or [B, P, 3, S, S] (P patches per image: their probabilities are
     averaged). The model is put in eval mode (paper dropout: outputs x0.5). mode: the numeric mode
-    of the forward pass (model/precision.py; a run evaluates in the mode it trains in).
+    of the forward pass (model/precision.py; a run evaluates in the mode it trains in). progress:
+    a bar or periodic lines on stderr (a 50,000-image validation set takes minutes).
     """
     fmt = memory_format(mode)
     was_training = model.training
     model.eval()
     dev = model.devices[model.local[0]] if hasattr(model, "devices") else next(model.parameters()).device
     probs, labels = [], []
+    bar = Progress(_n_batches(batches, max_batches), progress, desc=desc, noun="batches", unit="batch")
     try:
         for i, (x, y) in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
+            bar.update(1)
             patches = x.shape[1] if x.dim() == 5 else 1
             flat = x.flatten(0, 1) if x.dim() == 5 else x
             with tf32(mode), autocast(mode, dev.type):
@@ -47,12 +54,28 @@ def predict_probs(model, batches, max_batches: int = 0, mode: str = "fp32"):
             probs.append(p.cpu())
             labels.append(y.cpu())
     finally:
+        bar.close()
         model.train(was_training)
     if not probs:
         if getattr(model, "local", None) is not None and model.layout.head not in model.local:
             return None, None
         raise ValueError("evaluation: no batches (empty validation split?)")
     return torch.cat(probs), torch.cat(labels)
+
+
+def _n_batches(batches, max_batches: int) -> int:
+    """How many batches predict_probs will see (0 when the loader cannot tell: no progress then)."""
+    try:
+        n = len(batches)
+    except TypeError:
+        return 0
+    return min(n, max_batches) if max_batches else n
+
+
+def show_progress(asked: bool | None) -> bool:
+    """Progress when asked (--progress / --no-progress), else only on an interactive terminal, so
+    logs and pipes stay quiet."""
+    return sys.stderr.isatty() if asked is None else asked
 
 
 def topk_errors(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
@@ -124,7 +147,12 @@ def register(sub) -> None:
                    help="more checkpoints: also report the mean of all models' probabilities")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--devices", nargs="+", default=None)
-    p.add_argument("--json", dest="json_out", help="also write the results here")
+    p.add_argument("--json", nargs="?", const="-", dest="json_to", metavar="FILE",
+                   help="print the results as one JSON line on stdout instead of the table; --json FILE: "
+                        "the table on stdout and the JSON written to FILE (as --json-out FILE)")
+    p.add_argument("--json-out", dest="json_to", metavar="FILE", help="also write the results to FILE as JSON")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress on stderr (default: only on an interactive terminal)")
     p.set_defaults(func=_main)
 
 
@@ -133,8 +161,10 @@ def _ck_path(p):
     return p / "checkpoint.pt" if p.is_dir() else p
 
 
-def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64, devices=None) -> list:
-    """Rows {model, patches, top1_err, top5_err, images}: each checkpoint, then their ensemble."""
+def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64, devices=None,
+                         progress: bool | None = None) -> list:
+    """Rows {model, patches, top1_err, top5_err, images}: each checkpoint, then their ensemble.
+    progress: None shows it on an interactive terminal only (show_progress)."""
     rows, probs = [], {1: [], 10: []}
     labels = None
     class_names = None
@@ -152,7 +182,8 @@ def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64
         for patches in ((1, 10) if ten else (1,)):
             # In the mode and on the input path the run trained with (its config).
             loader = input_batches(model, cache, split, batch_size, replace(cfg, data=dcfg), ds, ten=patches == 10)
-            p, y = predict_probs(model, loader, mode=cfg.precision)
+            p, y = predict_probs(model, loader, mode=cfg.precision, progress=show_progress(progress),
+                                 desc=f"eval {Path(path).name} ({'centre' if patches == 1 else 'ten'} patches)")
             labels = y
             probs[patches].append(p)
             rows.append(dict(model=str(path), patches=patches, images=len(y), **topk_errors(p, y)))
@@ -174,9 +205,12 @@ def format_rows(rows) -> str:
 
 def _main(args) -> int:
     rows = evaluate_checkpoints([args.checkpoint, *args.ensemble], args.data, args.split, args.ten_crop,
-                                args.batch_size, tuple(args.devices) if args.devices else None)
+                                args.batch_size, tuple(args.devices) if args.devices else None, args.progress)
+    # stdout holds one thing a reader or a script can take whole: the table, or (--json) the JSON.
+    if args.json_to == "-":
+        print(json.dumps(rows))
+        return 0
     print(format_rows(rows))
-    print(json.dumps(rows))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(rows, indent=2))
+    if args.json_to:
+        Path(args.json_to).write_text(json.dumps(rows, indent=2))
     return 0
