@@ -240,7 +240,8 @@ def test_reproduce_writes_a_report_with_all_figures(tiny_cache, tmp_path):
     for fig in ("figure3_conv1_kernels.png", "figure4_predictions_neighbours.png", "training_curves.png"):
         assert (out / "figures" / fig).stat().st_size > 1000, fig
         assert fig in text
-    for needle in ("40.7", "37.5", "chance on our data", "Colour specificity", "bytes per image", "smoke"):
+    for needle in ("40.7", "37.5", "chance on our data", "Colour specificity", "bytes per image", "smoke",
+                   "The best validation evaluation during training (`best.pt`"):
         assert needle in text, needle
     # Running it again reuses the trained run instead of training again.
     mtime = (out / "run" / "checkpoint.pt").stat().st_mtime

@@ -20,7 +20,8 @@ from ..model.placement import describe
 from ..train import checkpoint as ckpt
 from ..train.config import load_config
 from ..train.evaluate import evaluate_checkpoints, format_rows
-from ..train.loop import read_metrics, train
+from ..train.loop import train_or_resume
+from ..train.rundir import read_metrics
 from .figures import figure3, figure4, training_curves
 from .locate import experiments_dir
 
@@ -55,7 +56,7 @@ def reproduce(out, data=None, config=None, sets=(), seeds: int = 1) -> Path:
     for seed in range(seeds):
         run_dir = out / ("run" if seeds == 1 else f"run-seed{seed}")
         s = sets + ([f"seed={seed}"] if seeds > 1 else [])
-        summary = _train_or_resume(cfg_path, run_dir, s)
+        summary = train_or_resume(load_config(cfg_path, s), run_dir, progress=True)
         if summary.get("status") == "interrupted":
             raise KeyboardInterrupt
         runs.append(run_dir)
@@ -86,17 +87,17 @@ def reproduce(out, data=None, config=None, sets=(), seeds: int = 1) -> Path:
     return path
 
 
-def _train_or_resume(cfg_path, run_dir: Path, sets) -> dict:
-    if (run_dir / "checkpoint.pt").exists():
-        ck = ckpt.load(run_dir / "checkpoint.pt")
-        cfg = load_config(cfg_path, sets)
-        done = int(ck["epoch"]) >= cfg.epochs or (cfg.max_steps and int(ck["step"]) >= cfg.max_steps)
-        if done:
-            log.info("reproduce: %s is already trained (step %s); reusing it", run_dir, ck["step"])
-            return {"status": "finished"}
-        log.info("reproduce: resuming %s", run_dir)
-        return train(out=run_dir, resume=True, sets=sets)
-    return train(load_config(cfg_path, sets), run_dir)
+def _best_line(run: Path, final: dict | None) -> str:
+    """Final and best weights side by side; the table above is the final weights'."""
+    best = Path(run) / "best.pt"
+    head = "The table gives the final weights (`checkpoint.pt`)."
+    if not best.exists() or final is None:
+        return head + " No `best.pt` (no validation evaluation during training)."
+    ck = ckpt.load(best)
+    b = ck["state"]["best"]
+    return (f"{head} The best validation evaluation during training (`best.pt`, after epoch {b['epoch']}, "
+            f"step {b['step']}) had a centre top-1 error of {_pct(b['val_top1_err'])}; the final weights have "
+            f"{_pct(final['top1_err'])}.")
 
 
 def _pct(x: float) -> str:
@@ -167,6 +168,7 @@ def _report(cfg, cfg_path, runs, rows, fig3, fig4, metrics, run_info, data_desc,
     if ev:
         lines += ["", "Validation error (centre patch) after each evaluated epoch: "
                   + ", ".join(f"epoch {m['epoch']}: {_pct(m['val_top1_err'])}" for m in ev) + "."]
+    lines += ["", _best_line(runs[0], by.get((one, 1)))]
     c0, c1 = fig3.get("column_0_colour_specificity"), fig3.get("column_1_colour_specificity")
     lines += [
         "",
