@@ -1,5 +1,7 @@
 """Running the columns concurrently (concurrent.py): same network as the sequential walk, in every respect
 training reads (logits, input and parameter gradients, dropout masks, exchanges), and clear refusals."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,3 +148,145 @@ def test_fast_paths_equal_the_grouped_network_bf16_and_channels_last():
         thr.train()
         thr(x).float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in thr.parameters())
+
+
+# ---- one walk, one exchange ------------------------------------------------------------------------
+class _Stream:
+    """A stand-in for a CUDA stream on the CPU: records the waits."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(("wait", self.name, other.name))
+
+
+class _CpuStreams(C.Streams):
+    """The streams executor with stand-in streams, so its walk runs (and is checked) on the CPU."""
+
+    def __init__(self, model, log):
+        n = model.layout.columns
+        super().__init__(model, main=_Stream("main", log), streams=[_Stream(c, log) for c in range(n)])
+        self.log = log
+
+    def on(self, stream):
+        self.log.append(("on", stream.name))
+        return contextlib.nullcontext()
+
+    def keep(self, t, stream):
+        pass
+
+
+def _counting(monkeypatch):
+    """Count the walks (with their executor's type) and the exchange's forward and backward calls."""
+    from splitnet.model.columns import SplitAlexNet
+    from splitnet.model.exchange import LocalExchange
+    calls = []
+    for cls, name in ((SplitAlexNet, "walk"), (LocalExchange, "gather"), (LocalExchange, "gather_backward")):
+        def wrap(self, *a, _f=getattr(cls, name), _name=name, **k):
+            # walk: (x, executor, ...); gather: (layer, outs, readers); gather_backward: (outs, grads)
+            what = type(a[1]).__name__ if _name == "walk" else a[0] if _name == "gather" else None
+            calls.append((_name, what))
+            return _f(self, *a, **k)
+        monkeypatch.setattr(cls, name, wrap)
+    return calls
+
+
+def test_one_walk_for_every_strategy(monkeypatch):
+    """Every strategy's forward is one call of SplitAlexNet.walk, with its own executor; the exchange
+    runs once per crossing row forward, and the threads' backward routes gradients through
+    exchange.py (gather_backward, once per crossing row), not by itself."""
+    seq, thr = _pair()
+    crossing = [r.name for r in seq.layout.rows if r.cross]
+    assert crossing == ["conv3", "fc6", "fc7", "fc8"]
+    x = _x()
+    calls = _counting(monkeypatch)
+    with torch.no_grad():
+        ref = seq.eval()(x)
+    assert calls == [("walk", "Sequential")] + [("gather", n) for n in crossing]
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(thr.eval()(x), ref)
+    assert calls == [("walk", "Threads")] + [("gather", n) for n in crossing]
+    calls.clear()
+    thr(x).sum().backward()  # training: the walk inside the threaded autograd node
+    assert calls == [("walk", "Threads")] + [("gather", n) for n in crossing] + \
+        [("gather_backward", None)] * len(crossing)
+    calls.clear()
+    seq.features(x, "fc7")
+    assert calls == [("walk", "Sequential")] + [("gather", n) for n in crossing[:3]]
+    calls.clear()
+    monkeypatch.setattr(C, "Streams", lambda model: _CpuStreams(model, []))  # no GPU needed
+    with torch.no_grad():
+        out = C.streams_forward(seq, seq.prepare_input(x))
+    assert torch.equal(out, ref)
+    assert calls[0] == ("walk", "_CpuStreams")
+    assert sorted(n for k, n in calls if k == "gather") == sorted(  # per reader, on its own stream
+        r.name for r in seq.layout.rows if r.cross for c, w in enumerate(r.widths) if w)
+
+
+def test_streams_executor_on_stand_in_streams():
+    """The streams executor's walk on the CPU: the same logits, gradients and exchanges as the
+    sequential walk, bit for bit; each reader waits for every other column's stream before its
+    exchange, and the caller's stream waits for the head's at the end."""
+    seq, _ = _pair()
+    seq.eval()
+    x = _x()
+    log = []
+    res = []
+    for make in (C.Sequential, lambda: _CpuStreams(seq, log)):
+        seq.zero_grad(set_to_none=True)
+        with splitnet.record_exchanges() as ev:
+            out = seq.walk(seq.prepare_input(x), make())[seq.layout.head]
+        out.square().mean().backward()
+        res.append((out.detach(), sorted(ev, key=repr), [p.grad.clone() for p in seq.parameters()]))
+    assert torch.equal(res[0][0], res[1][0]) and res[0][1] == res[1][1]
+    assert all(torch.equal(a, b) for a, b in zip(res[0][2], res[1][2]))
+    assert log[:2] == [("wait", 0, "main"), ("wait", 1, "main")]
+    assert log[-1] == ("wait", "main", seq.layout.head)
+    # conv3 (the first exchange): both readers wait for the other column before either gathers.
+    first_on = next(i for i, e in enumerate(log) if e[0] == "on" and i > log.index(("on", 1)))
+    waits = [e for e in log[:first_on] if e[0] == "wait"][2:]
+    assert waits[:2] == [("wait", 0, 1), ("wait", 1, 0)]
+
+
+def test_only_exchange_py_moves_tensors_between_columns():
+    """Read from the source: the walk (columns.py), the executors (concurrent.py) and the layers move
+    no tensor between devices and concatenate none; exchange.py does (the runtime side: the exchange's
+    calls are counted in test_one_walk_for_every_strategy)."""
+    import ast
+    from pathlib import Path
+    src = Path(splitnet.__file__).parent / "model"
+    moving = {"to", "cat", "stack", "narrow", "copy_", "split", "chunk", "index_select", "cuda", "cpu"}
+    allowed = {"self.columns[c].to(self.devices[c])",  # placing a column's parameters
+               "mod.weight.copy_(w)",  # init: drawn on the CPU, copied to the column (reset_parameters)
+               "((off >= -before) & (off <= after)).to(t.dtype)"}  # LRN's band matrix: a dtype
+    found = []
+    for name in ("columns.py", "concurrent.py", "layers.py"):
+        text = (src / name).read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in moving:
+                seg = ast.get_source_segment(text, node)
+                if seg not in allowed:
+                    found.append(f"{name}: {seg}")
+    assert found == []
+    ex = (src / "exchange.py").read_text()
+    assert "torch.cat(" in ex and ".to(" in ex
+
+
+def test_walk_exchanges_inside_a_row_for_lrn_across_columns():
+    """lrn_scope="all": the walk cuts the LRN rows between their layer and their LRN and exchanges
+    there (sequential only); the result is the grouped network's with LRN over all maps."""
+    from splitnet.model.grouped import GroupedAlexNet
+    torch.manual_seed(0)
+    m = splitnet.SplitAlexNet(10, "paper", devices="cpu", lrn_scope="all").eval().double()
+    plan = [(s.exchange and s.exchange.name, [(r.name, p) for r, p in s.steps]) for s in C.stages(m.layout)]
+    assert plan[:3] == [(None, [("conv1", "pre")]), ("conv1", [("conv1", "post"), ("conv2", "pre")]),
+                        ("conv2", [("conv2", "post")])]
+    g = GroupedAlexNet(m.config).double().eval()
+    g.load_state_dict(m.grouped_state_dict())
+    x = _x()[:1].double()
+    with torch.no_grad(), splitnet.record_exchanges() as log:
+        out = m(x)
+    assert {e.layer for e in log} == {"conv1", "conv2", "conv3", "fc6", "fc7", "fc8"}
+    assert rel(out, g(x)) < 1e-12

@@ -55,3 +55,32 @@ def test_exchange_gradients_flow_back_across_columns():
     out = m.forward_columns(torch.randn(1, 3, 224, 224), upto="conv3")
     g = torch.autograd.grad(out[1].sum(), m.columns[0].conv1.weight)[0]
     assert torch.count_nonzero(g) > 0
+
+
+def test_gather_backward_is_the_adjoint_of_gather():
+    """What the threads strategy's backward uses (concurrent.Threads.backward) equals autograd through
+    gather: each column gets the sum over readers of its channel slice; broadcast likewise."""
+    from splitnet.model.exchange import LocalExchange, broadcast, broadcast_backward
+    g = torch.Generator().manual_seed(0)
+    ex = LocalExchange([torch.device("cpu")] * 3)
+    outs = [torch.randn(2, 3, 4, 4, generator=g).requires_grad_(), None,
+            torch.randn(2, 5, 4, 4, generator=g).requires_grad_()]
+    readers = [0, 1, 2]
+    with splitnet.record_exchanges() as log:
+        ins = ex.gather("conv3", outs, readers)
+    assert all(t.shape == (2, 8, 4, 4) for t in ins) and len(log) == 4  # 0->1, 0->2, 2->0, 2->1
+    grads = [torch.randn(2, 8, 4, 4, generator=g) for _ in readers]
+    auto = torch.autograd.grad(ins, [outs[0], outs[2]], grads)
+    with splitnet.record_exchanges() as log:
+        mine = ex.gather_backward([None if t is None else t.detach() for t in outs], grads)
+    assert log == []  # gradients are not recorded as exchanges (the forward's events stand for both)
+    assert mine[1] is None
+    assert torch.allclose(mine[0], auto[0], rtol=0, atol=1e-6)
+    assert torch.allclose(mine[2], auto[1], rtol=0, atol=1e-6)
+    assert torch.equal(mine[0], grads[0][:, :3] + grads[1][:, :3] + grads[2][:, :3])
+    x = torch.randn(2, 3, 8, 8, generator=g).requires_grad_()
+    copies = broadcast(x, [torch.device("cpu")] * 3, local=(0, 2))
+    assert copies[1] is None
+    gs = [torch.randn(2, 3, 8, 8, generator=g), None, torch.randn(2, 3, 8, 8, generator=g)]
+    assert torch.equal(broadcast_backward(gs, x.device), gs[0] + gs[2])
+    assert broadcast_backward([None, None], x.device) is None

@@ -1,10 +1,12 @@
 """SplitAlexNet: the two-column network of §3.2 / Figure 2, one nn.Module per column.
 
 The columns are generated from the layout table (layout.py) and are identical in code; they only
-differ in which device they sit on and which rows give them a nonzero width. A forward pass walks
-the table row by row; at a crossing row the exchange (exchange.py) hands every reading column the
-concatenation of all columns' previous outputs. Nothing else synchronises the columns, so on two
-GPUs their kernels are queued back to back and run concurrently.
+differ in which device they sit on and which rows give them a nonzero width. A forward pass is one
+walk (SplitAlexNet.walk) over the table's segments, the rows between two exchanges; at a crossing
+row the exchange (exchange.py) hands every reading column the concatenation of all columns' previous
+outputs, and each segment goes to an executor (concurrent.py) that runs every column's rows: in
+turn, in worker threads, or on CUDA streams. Nothing else synchronises the columns, so on two GPUs
+their kernels are queued back to back and run concurrently.
 
 Shapes per column, paper layout, batch B (224 crop padded to 227 for conv1):
   image [B,3,227,227] -> conv1 [B,48,55,55] -> pool1 [B,48,27,27] -> conv2 [B,128,27,27]
@@ -25,7 +27,7 @@ from ..data.rng import derive_seed
 from . import concurrent as _concurrent
 from .config import ModelConfig
 from .convert import grouped_state_dict, load_grouped_state_dict
-from .exchange import LocalExchange
+from .exchange import LocalExchange, broadcast, collect
 from .layers import LocalResponseNorm, PaperDropout, activation
 from .layout import LAYER_NAMES, Layout, apply_model_options, get_geometry, get_layout, init_gain_factors
 from .placement import describe, resolve_devices
@@ -101,6 +103,21 @@ class Column(nn.Module):
             x = x.flatten(1)  # channel-major: c*H*W + h*W + w, as the grouped fc6 expects
         x = getattr(self, row.name)(x)
         return self.act(x) if row.act else x
+
+    def run(self, steps, x: torch.Tensor):
+        """This column's part of one stage of the walk (concurrent.Stage.steps): its rows in order,
+        None from the first row where it has no width."""
+        c = self.index
+        for row, part in steps:
+            if not row.widths[c]:
+                return None
+            if part == "layer":
+                x = self.layer(row, x)
+            elif part == "pre":
+                x = self.pre(row, x)
+            else:  # "post": x holds every column's maps (lrn_scope="all"); this column's come at start
+                x = self.post(row, x, (sum(row.widths[:c]), row.widths[c]))
+        return x
 
     def post(self, row, x: torch.Tensor, lrn_slice: tuple | None = None) -> torch.Tensor:
         """LRN, pooling, dropout. lrn_slice=(start, width): x holds every column's maps (lrn_cross);
@@ -212,32 +229,35 @@ class SplitAlexNet(nn.Module):
             raise TypeError(f"conv1: expected a float tensor (mean-subtracted 0..255 RGB), got {x.dtype}")
         return F.pad(x, self.pad) if any(self.pad) else x
 
-    def forward_columns(self, x: torch.Tensor, upto: str | None = None) -> list:
-        """Per-column outputs of layer `upto` (default: the last); None where a column has none."""
-        x = self.prepare_input(x)
-        # Both columns read the whole image (§3.2): copy it once to each column's device.
-        outs = [x.to(dev, non_blocking=True) for dev in self.devices]
-        outs = [t if c in self.local else None for c, t in enumerate(outs)]
-        for row in self.layout.rows:
-            readers = [c for c, w in enumerate(row.widths) if w > 0]
-            ins = self.exchange.gather(row.name, outs, readers) if row.cross else outs
-            if row.lrn and row.lrn_cross and self.config.lrn:
-                # Caffe-style LRN across all columns' maps: exchange the activations, normalise the
-                # concatenation, keep this column's slice.
-                mids = [self.columns[c].pre(row, ins[c]) if c in readers and c in self.local else None
-                        for c in range(len(outs))]
-                full = self.exchange.gather(row.name, mids, readers)
-                starts = [sum(row.widths[:c]) for c in range(len(outs))]
-                outs = [self.columns[c].post(row, full[c], (starts[c], row.widths[c]))
-                        if c in readers and c in self.local else None for c in range(len(outs))]
-            else:
-                outs = [self.columns[c].layer(row, ins[c]) if row.widths[c] > 0 and c in self.local else None
-                        for c in range(len(outs))]
-            if row.name == upto:
-                return outs
-        if upto is not None:
+    def walk(self, x: torch.Tensor, executor, upto: str | None = None) -> list:
+        """The forward pass over the layout's segments: per-column outputs of layer `upto` (default:
+        the last), None where a column has none. x: the padded input (prepare_input).
+
+        The one walk every strategy takes: between segments it calls the exchange (exchange.py:
+        `self.exchange.gather`, once per crossing row), and it hands each segment to `executor`
+        (concurrent.py: Sequential, Threads or Streams), which only decides where each column's rows
+        run.
+        """
+        if upto is not None and upto not in self.layout.names:
             raise ValueError(f"layout {self.layout.name!r} has no layer {upto!r}")
-        return outs
+        n = self.layout.columns
+        # Both columns read the whole image (§3.2): a copy on each column's device.
+        outs = executor.begin(self, broadcast(x, self.devices, self.local))
+        for stage in _concurrent.stages(self.layout, self.config.lrn, upto):
+            if stage.exchange is not None:
+                row, prev = stage.exchange, outs
+                readers = [c for c, w in enumerate(row.widths) if w > 0]
+                outs = executor.exchange(lambda rs: self.exchange.gather(row.name, prev, rs), readers)
+            first = stage.steps[0][0]
+            jobs = [(c, outs[c]) for c in range(n)
+                    if c in self.local and outs[c] is not None and first.widths[c] > 0]
+            outs = executor.run(self, stage, jobs)
+        return executor.end(outs)
+
+    def forward_columns(self, x: torch.Tensor, upto: str | None = None) -> list:
+        """Per-column outputs of layer `upto` (default: the last); None where a column has none.
+        The sequential walk: the columns one after the other in this thread."""
+        return self.walk(self.prepare_input(x), _concurrent.Sequential(), upto)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits on the head column's device (None in a process that does not hold the head)."""
@@ -259,9 +279,7 @@ class SplitAlexNet(nn.Module):
     def features(self, x: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
         """Layer `layer`'s output of all columns concatenated in column order, on the head's device
         (fc7: the 4096-d vectors of Figure 4's nearest neighbours, §6.1)."""
-        outs = [t for t in self.forward_columns(x, upto=layer) if t is not None]
-        dev = self.devices[self.layout.head]
-        return torch.cat([t.to(dev).flatten(1) for t in outs], dim=1)
+        return collect(self.forward_columns(x, upto=layer), self.devices[self.layout.head])
 
     # ---- single-device equivalent (convert.py) --------------------------------------------
     def grouped_state_dict(self) -> dict:

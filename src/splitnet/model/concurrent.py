@@ -1,24 +1,27 @@
-"""Running the columns concurrently inside one process (§3.2: the two GPUs work in parallel and
+"""Where each column's work runs inside one process (§3.2: the two GPUs work in parallel and
 "communicate only in certain layers").
 
 A forward pass is a chain of *segments*: the rows between two exchanges (paper layout:
 [conv1, conv2] | [conv3, conv4, conv5] | [fc6] | [fc7] | [fc8]). Inside a segment the columns are
-independent, so they can run at the same time. How, depends on where they sit
-(SplitAlexNet(concurrency=...)):
+independent, so they can run at the same time. There is one walk over the segments,
+SplitAlexNet.walk (columns.py); it calls the exchange (exchange.py) between segments and hands each
+segment to an *executor* from this module, which only decides where each column's rows run. The
+executors, by SplitAlexNet(concurrency=...):
 
-  "sequential"  the columns' work is issued one column after the other from the Python thread. On
-                two GPUs this already overlaps: kernel launches return at once and each GPU runs its
-                own queue (columns.py).
-  "threads"     CPU emulation: one worker thread per column, torch's intra-op threads divided
-                among them (2 cores: one each), forward *and* backward of each segment in the column's
-                thread. The autograd engine runs all CPU backward work in the thread that called
-                backward(), so the whole net is wrapped in one autograd Function whose backward
-                replays the segments in reverse, again one thread per column. Module hooks run
-                in the column's thread, at the same time as the other column's: a hook that
+  "sequential"  `Sequential`: the columns' work is issued one column after the other from the Python
+                thread. On two GPUs this already overlaps: kernel launches return at once and each
+                GPU runs its own queue.
+  "threads"     `Threads`, CPU emulation: one worker thread per column, torch's intra-op threads
+                divided among them (2 cores: one each), forward *and* backward of each segment in
+                the column's thread. The autograd engine runs all CPU backward work in the thread
+                that called backward(), so the whole walk is wrapped in one autograd Function whose
+                backward replays the segments in reverse, again one thread per column, and routes
+                the gradients across each exchange with exchange.py's gather_backward. Module hooks
+                run in the column's thread, at the same time as the other column's: a hook that
                 updates shared state must be thread-safe (append to a list, or take a lock).
-  "streams"     both columns on one GPU: each column's kernels queue on its own CUDA stream, the
-                exchanges are cross-stream waits (events); backward kernels run on the stream of
-                their forward op (PyTorch's rule), so they overlap too.
+  "streams"     `Streams`, both columns on one GPU: each column's kernels queue on its own CUDA
+                stream, the exchanges are cross-stream waits (events); backward kernels run on the
+                stream of their forward op (PyTorch's rule), so they overlap too.
   "auto"        what `bench` measured fastest for the placement (see `choose`), or, once
                 tune.calibrate has timed the candidates on the model's own placement, the fastest.
 
@@ -29,20 +32,53 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
+
+from .exchange import broadcast_backward
 
 STRATEGIES = ("auto", "sequential", "threads", "streams")
 
 
 def segments(layout) -> list:
     """The rows of `layout` cut before every crossing row: lists of LayerRow, in order."""
-    segs = []
+    return [stage.rows for stage in stages(layout, lrn_across=False)]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the walk: an optional exchange, then every column's part of some rows.
+
+    exchange: the row whose inputs are gathered from every column before this stage (None: each
+    column reads its own previous output). steps: ((row, part), ...), part "layer" (the whole row),
+    or "pre" / "post" around the exchange inside a row whose LRN spans the columns (lrn_scope="all":
+    the layer and ReLU, then LRN over the gathered maps, pooling, dropout; only "sequential" runs it).
+    """
+    index: int
+    exchange: object
+    steps: tuple
+
+    @property
+    def rows(self) -> list:
+        return [row for row, _ in self.steps]
+
+
+def stages(layout, lrn_across: bool = True, upto: str | None = None) -> list:
+    """The segments of `layout` as Stages, ending after row `upto` (default: the last). lrn_across:
+    LRN is on, so a row with lrn_cross exchanges inside itself (cut between its "pre" and "post")."""
+    plan = []  # [exchange row or None, steps]
     for row in layout.rows:
-        if row.cross or not segs:
-            segs.append([])
-        segs[-1].append(row)
-    return segs
+        if row.cross or not plan:
+            plan.append([row if row.cross else None, []])
+        if lrn_across and row.lrn and row.lrn_cross:
+            plan[-1][1].append((row, "pre"))
+            plan.append([row, [(row, "post")]])
+        else:
+            plan[-1][1].append((row, "layer"))
+        if row.name == upto:
+            break
+    return [Stage(k, ex, tuple(steps)) for k, (ex, steps) in enumerate(plan)]
 
 
 def unsupported(model, strategy: str) -> str | None:
@@ -102,6 +138,39 @@ def candidates(model) -> list:
     return [first] + [s for s in STRATEGIES[1:] if s not in (first, "threads") and unsupported(model, s) is None]
 
 
+# ---- executors -------------------------------------------------------------------------------
+# The walk (SplitAlexNet.walk) calls, in order: begin(model, image copies) once; per stage, exchange
+# (when the stage starts with one) and run; end(outputs) once. Each returns the per-column list the
+# walk carries on (None where a column has no tensor). jobs: [(column, input)] of the columns that
+# compute the stage, in column order.
+
+
+def _column(model, c: int, steps, h):
+    """Column c's part of one stage, as a profiler range (bench.model.column_overlap reads them)."""
+    with torch.profiler.record_function(f"splitnet.column{c}"):
+        return model.columns[c].run(steps, h)
+
+
+class Sequential:
+    """Every column's work issued in column order from the calling thread."""
+
+    def begin(self, model, xs: list) -> list:
+        return xs
+
+    def exchange(self, gather, readers: list) -> list:
+        """gather(readers): the exchange's per-column inputs (exchange.LocalExchange.gather)."""
+        return gather(readers)
+
+    def run(self, model, stage: Stage, jobs: list) -> list:
+        outs = [None] * model.layout.columns
+        for c, h in jobs:
+            outs[c] = model.columns[c].run(stage.steps, h)
+        return outs
+
+    def end(self, outs: list) -> list:
+        return outs
+
+
 # ---- threads (CPU) ---------------------------------------------------------------------------
 _pools: dict = {}
 _pools_lock = threading.Lock()
@@ -140,109 +209,74 @@ def _parallel(fn, jobs: list, inline: bool = False) -> list:
     return [f.result() for f in futures]
 
 
-def _needs_global_rng(model, seg) -> bool:
+def _needs_global_rng(model, rows) -> bool:
     """Dropout drawing from the global RNG: run the columns in order, as sequential mode does, so a
     seed gives the same masks whatever the strategy."""
-    return any(r.dropout for r in seg) and model.training and model.config.dropout > 0 and any(
+    return any(r.dropout for r in rows) and model.training and model.config.dropout > 0 and any(
         col.dropout_stream is None for col in model.columns)
 
 
-def _run_column(model, c: int, rows, h, leaf: bool, leaf_grad: bool = True):
-    """Column c's rows of one segment on input h. With leaf=True (training) h is cut off the graph
-    and made a leaf (requiring grad when leaf_grad: not for the image unless its gradient is
-    wanted), so this segment's backward can run on its own: returns (leaf, output)."""
-    if leaf:
-        h = h.detach().requires_grad_(leaf_grad)
-    inp = h
-    col = model.columns[c]
-    with torch.profiler.record_function(f"splitnet.column{c}"):
-        for row in rows:
-            h = col.layer(row, h) if row.widths[c] > 0 else None
-            if h is None:
-                break
-    return inp, h
+class Threads(Sequential):
+    """One worker thread per column (CPU emulation). With tape=True (training, inside
+    _ThreadedColumns) every stage's input is cut off the graph as a leaf, so `backward` can run each
+    stage's backward on its own, again one thread per column. x_grad: the image's gradient is wanted."""
 
+    def __init__(self, tape: bool = False, x_grad: bool = False):
+        self.tape, self.x_grad = tape, x_grad
+        self.prev = None  # the outputs this executor last handed the walk: what an exchange reads
+        self.records = []  # per stage: (stage, prev, leaves, outs), for backward
 
-def _segment_inputs(model, seg, prev: list) -> list:
-    row = seg[0]
-    if not row.cross:
-        return list(prev)
-    readers = [c for c, w in enumerate(row.widths) if w > 0]
-    return model.exchange.gather(row.name, prev, readers)
+    def begin(self, model, xs: list) -> list:
+        self.prev = xs
+        return xs
 
+    def run(self, model, stage: Stage, jobs: list) -> list:
+        leaf_grad = stage.index > 0 or self.x_grad  # the image's copies need a gradient only if x does
 
-def threads_forward(model, x: torch.Tensor) -> torch.Tensor:
-    """Logits of `model` on padded input x, columns in worker threads (see the module docstring)."""
-    params = list(model.columns.parameters())
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return _ThreadedColumns.apply(model, x, *params)
-    out, _ = _forward(model, x, tape=False)
-    return out
+        def one(c, h):
+            if self.tape:
+                h = h.detach().requires_grad_(leaf_grad)
+            return h, _column(model, c, stage.steps, h)
 
+        res = _parallel(one, jobs, inline=_needs_global_rng(model, stage.rows))
+        n = model.layout.columns
+        leaves, outs = [None] * n, [None] * n
+        for (c, _), (leaf, out) in zip(jobs, res):
+            leaves[c], outs[c] = leaf, out
+        if self.tape:
+            # The next stage reads this one's outputs cut from the graph; backward chains them.
+            self.records.append((stage, self.prev, leaves, outs))
+            outs = [None if o is None else o.detach() for o in outs]
+        self.prev = outs
+        return outs
 
-def _forward(model, x, tape: bool, x_grad: bool = False):
-    n = model.layout.columns
-    prev = [x.to(d, non_blocking=True) for d in model.devices]
-    records = []
-    for k, seg in enumerate(segments(model.layout)):
-        ins = _segment_inputs(model, seg, prev)
-        jobs = [(model, c, seg, ins[c], tape, k > 0 or x_grad) for c in range(n)
-                if ins[c] is not None and seg[0].widths[c] > 0]
-        res = _parallel(_run_column, jobs, inline=_needs_global_rng(model, seg))
-        outs = [None] * n
-        leaves = [None] * n
-        for job, (leaf, out) in zip(jobs, res):
-            leaves[job[1]], outs[job[1]] = leaf, out
-        # The next segment's inputs are this one's outputs cut from the graph (backward chains them).
-        records.append((seg, prev, leaves, outs))
-        prev = [None if o is None else (o.detach() if tape else o) for o in outs]
-    return prev[model.layout.head], records
-
-
-class _ThreadedColumns(torch.autograd.Function):
-    """The whole split net as one autograd node: forward and backward run segment by segment with
-    one thread per column. Parameter gradients are returned (not accumulated on the side), so
-    .backward(), torch.autograd.grad and gradient hooks see them as usual."""
-
-    @staticmethod
-    def forward(ctx, model, x, *params):
-        with torch.enable_grad():
-            out, records = _forward(model, x, tape=True, x_grad=ctx.needs_input_grad[1])
-        ctx.model, ctx.records, ctx.params = model, records, params
-        ctx.x_device = x.device
-        return out.detach()
-
-    @staticmethod
-    def backward(ctx, grad):
-        model, n = ctx.model, ctx.model.layout.columns
-        index = {id(p): i for i, p in enumerate(ctx.params)}
-        pgrads = [None] * len(ctx.params)
+    def backward(self, model, grad, params, x_device):
+        """Gradients of the image and of `params` from the head's output gradient `grad`: the stages
+        in reverse, one thread per column; across each exchange, exchange.py routes them."""
+        n = model.layout.columns
+        index = {id(p): i for i, p in enumerate(params)}
+        pgrads = [None] * len(params)
         gout = [None] * n
         gout[model.layout.head] = grad
-        for seg, prev, leaves, outs in reversed(ctx.records):
+        for stage, prev, leaves, outs in reversed(self.records):
             jobs = [(c, leaves[c], outs[c], gout[c]) for c in range(n)
                     if outs[c] is not None and gout[c] is not None and outs[c].requires_grad]
-            res = _parallel(_column_backward(model, seg), jobs)
+            res = _parallel(_column_backward(model, stage), jobs)
             gin = [None] * n
             for (c, *_), (g_leaf, g_params) in zip(jobs, res):
                 gin[c] = g_leaf
                 for p, g in g_params:
                     pgrads[index[id(p)]] = g
-            gout = _exchange_backward(model, seg, prev, gin)
-            leaves[:] = outs[:] = [None] * n  # free the segment's graph as soon as it is done
-        gx = None
-        for g in gout:  # every column read the image: its gradient is the sum of theirs
-            if g is not None:
-                g = g.to(ctx.x_device)
-                gx = g if gx is None else gx + g
-        ctx.records = None
-        return (None, gx, *pgrads)
+            gout = model.exchange.gather_backward(prev, gin) if stage.exchange is not None else gin
+            leaves[:] = outs[:] = [None] * n  # free the stage's graph as soon as it is done
+        self.records = []
+        return broadcast_backward(gout, x_device), pgrads
 
 
-def _column_backward(model, seg):
+def _column_backward(model, stage: Stage):
     def run(c, leaf, out, g):
         col = model.columns[c]
-        params = [p for row in seg if row.widths[c] > 0 for p in getattr(col, row.name).parameters()
+        params = [p for row in stage.rows if row.widths[c] > 0 for p in getattr(col, row.name).parameters()
                   if p.requires_grad]
         inputs = ([leaf] if leaf.requires_grad else []) + params
         with torch.profiler.record_function(f"splitnet.column{c}.backward"):
@@ -252,26 +286,32 @@ def _column_backward(model, seg):
     return run
 
 
-def _exchange_backward(model, seg, prev: list, gin: list) -> list:
-    """Gradients of the segment's inputs (`gin`, per reading column) back to the tensors the columns
-    produced before it (`prev`): through the exchange's concatenation when the segment starts at a
-    crossing row (column s gets the sum over readers of its channel slice), else unchanged."""
-    n = len(prev)
-    if not seg[0].cross:
-        return list(gin)
-    out = [None] * n
-    offsets, o = {}, 0
-    for s, t in enumerate(prev):
-        if t is not None:
-            offsets[s] = (o, t.shape[1])
-            o += t.shape[1]
-    for d, g in enumerate(gin):
-        if g is None:
-            continue
-        for s, (lo, w) in offsets.items():
-            part = g[:, lo:lo + w].to(prev[s].device, non_blocking=True)
-            out[s] = part if out[s] is None else out[s] + part
-    return out
+class _ThreadedColumns(torch.autograd.Function):
+    """The whole walk as one autograd node: forward and backward run stage by stage with one thread
+    per column (Threads). Parameter gradients are returned (not accumulated on the side), so
+    .backward(), torch.autograd.grad and gradient hooks see them as usual."""
+
+    @staticmethod
+    def forward(ctx, model, x, *params):
+        executor = Threads(tape=True, x_grad=ctx.needs_input_grad[1])
+        with torch.enable_grad():
+            out = model.walk(x, executor)[model.layout.head]
+        ctx.model, ctx.executor, ctx.params, ctx.x_device = model, executor, params, x.device
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, pgrads = ctx.executor.backward(ctx.model, grad, ctx.params, ctx.x_device)
+        ctx.executor = None
+        return (None, gx, *pgrads)
+
+
+def threads_forward(model, x: torch.Tensor) -> torch.Tensor:
+    """Logits of `model` on padded input x, columns in worker threads (see the module docstring)."""
+    params = list(model.columns.parameters())
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return _ThreadedColumns.apply(model, x, *params)
+    return model.walk(x, Threads())[model.layout.head]
 
 
 # ---- streams (one GPU) -------------------------------------------------------------------------
@@ -285,40 +325,70 @@ def _column_streams(device: torch.device, n: int) -> list:
     return _streams[key]
 
 
+class Streams(Sequential):
+    """Each column's kernels on its own CUDA stream of the one GPU. Autograd records the streams;
+    backward kernels run on the stream of their forward op and it inserts the waits where a
+    gradient crosses streams, so backward overlaps as forward does.
+
+    main / streams: the caller's stream and one per column (default: the device's current stream
+    and this module's cached ones); a test substitutes stand-ins to follow the waits on the CPU."""
+
+    def __init__(self, model, main=None, streams=None):
+        dev = model.devices[0]
+        self.main = torch.cuda.current_stream(dev) if main is None else main
+        self.streams = _column_streams(dev, model.layout.columns) if streams is None else streams
+        self.prev = None
+
+    # The three stream operations, apart so a test can stand in for them.
+    @staticmethod
+    def on(stream):
+        return torch.cuda.stream(stream)
+
+    @staticmethod
+    def keep(t: torch.Tensor, stream) -> None:
+        t.record_stream(stream)  # t is read on `stream`: keep the allocator from reusing it too early
+
+    def begin(self, model, xs: list) -> list:
+        for s, x in zip(self.streams, xs):
+            s.wait_stream(self.main)  # the input was produced on the caller's stream
+            self.keep(x, s)
+        self.prev = xs
+        return xs
+
+    def exchange(self, gather, readers: list) -> list:
+        # Every reader first waits for every other column's stream (all waits before any copy, so no
+        # reader waits for another's concatenation), then gathers on its own stream.
+        for c in readers:
+            for s, t in enumerate(self.prev):
+                if t is not None and s != c:
+                    self.streams[c].wait_stream(self.streams[s])
+                    self.keep(t, self.streams[c])
+        ins = [None] * len(self.prev)
+        for c in readers:
+            with self.on(self.streams[c]):
+                ins[c] = gather([c])[c]
+        return ins
+
+    def run(self, model, stage: Stage, jobs: list) -> list:
+        outs = [None] * model.layout.columns
+        for c, h in jobs:
+            with self.on(self.streams[c]):
+                outs[c] = _column(model, c, stage.steps, h)
+        self.prev = outs
+        return outs
+
+    def end(self, outs: list) -> list:
+        for c, t in enumerate(outs):
+            if t is not None:
+                self.main.wait_stream(self.streams[c])
+                self.keep(t, self.main)
+        return outs
+
+
 def streams_forward(model, x: torch.Tensor) -> torch.Tensor:
-    """Logits with each column's kernels on its own CUDA stream of the one GPU. Autograd records the
-    streams; backward kernels run on the stream of their forward op and it inserts the waits where a
-    gradient crosses streams, so backward overlaps as forward does."""
-    dev = model.devices[0]
-    n = model.layout.columns
-    main = torch.cuda.current_stream(dev)
-    streams = _column_streams(dev, n)
-    x = x.to(dev, non_blocking=True)
-    prev = [x] * n
-    for s in streams:
-        s.wait_stream(main)  # the input was produced on the caller's stream
-        x.record_stream(s)  # and is read on s: keep the allocator from reusing it too early
-    for seg in segments(model.layout):
-        row = seg[0]
-        outs = [None] * n
-        for c in range(n):
-            if row.widths[c] == 0 or prev[c] is None:
-                continue
-            with torch.cuda.stream(streams[c]):
-                if row.cross:
-                    for s, t in enumerate(prev):
-                        if t is not None and s != c:
-                            streams[c].wait_stream(streams[s])
-                            t.record_stream(streams[c])
-                    h = model.exchange.gather(row.name, prev, [c])[c]
-                else:
-                    h = prev[c]
-                outs[c] = _run_column(model, c, seg, h, leaf=False)[1]
-        prev = outs
-    out = prev[model.layout.head]
-    main.wait_stream(streams[model.layout.head])
-    out.record_stream(main)
-    return out
+    """Logits of `model` on padded input x, each column on its own CUDA stream (Streams)."""
+    return model.walk(x, Streams(model))[model.layout.head]
 
 
-__all__ = ["STRATEGIES", "segments", "choose", "candidates", "unsupported", "threads_forward", "streams_forward"]
+__all__ = ["STRATEGIES", "segments", "stages", "Stage", "choose", "candidates", "unsupported",
+           "Sequential", "Threads", "Streams", "threads_forward", "streams_forward"]

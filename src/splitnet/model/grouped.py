@@ -4,6 +4,10 @@ This is the network Caffe's bvlc_alexnet emulates with `group: 2`: conv layers t
 `groups=columns` convolutions, crossing layers dense ones, and LRN is applied per group (per column,
 §3.3). It loads `SplitAlexNet.grouped_state_dict()` as is. Benchmarks use it as the baseline the
 split must match in speed; the tests hold the split model equal to an independent version of it.
+
+Its forward is deliberately its own loop over the table, not SplitAlexNet.walk (columns.py): it is
+the independent equivalent the split walk is checked against (and the baseline it is timed
+against), so it shares the table and the layers, never the walk or the exchange.
 """
 from __future__ import annotations
 
