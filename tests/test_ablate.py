@@ -81,7 +81,7 @@ def test_runner_fills_every_column_and_resumes(tiny, tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("retrained a finished experiment")
-    monkeypatch.setattr("splitnet.experiments.ablate.train", boom)
+    monkeypatch.setattr("splitnet.experiments.ablate.train_or_resume", boom)
     run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets, time_reps=1)
     assert (tmp_path / "runs" / "paper-seed0" / "checkpoint.pt").stat().st_mtime == mtime
 

@@ -180,12 +180,12 @@ def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bo
     val_ds = PackedDataset(cache, "val") if _has_split(cache, "val") else None
     classes = train_ds.classes
     cfg = replace(cfg, model=replace(cfg.model, num_classes=len(classes)))  # what the model is built with
-    if len(train_ds) < cfg.batch_size:
-        raise ConfigError(f"batch_size = {cfg.batch_size} is larger than the training set ({len(train_ds)} "
-                          f"images in {cache})")
     torch.manual_seed(cfg.seed)  # the init
     model = rt.build_model(cfg, len(classes))
     check_input_geometry(cfg, model, train_ds.image_size, cache)
+    if len(train_ds) < cfg.batch_size:
+        raise ConfigError(f"batch_size = {cfg.batch_size} is larger than the training set ({len(train_ds)} "
+                          f"images in {cache})")
     if memory_format(cfg.precision) == torch.channels_last:  # bf16_cl: conv weights NHWC
         model.to(memory_format=torch.channels_last)
     opt = PaperSGD(param_groups(model, cfg.optim.weight_decay, cfg.optim.bias_decay),
