@@ -1,6 +1,5 @@
 """The built-in synthetic set: deterministic, ImageNet-style, labelled as synthetic, quick to make."""
 import collections
-import time
 
 import pytest
 from PIL import Image
