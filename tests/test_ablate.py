@@ -105,3 +105,35 @@ def test_epochs_to_counts_epochs_until_the_target():
     assert res["epochs"] == len(res["curve"]) and res["curve"][-1] <= 0.2
     assert all(c > 0.2 for c in res["curve"][:-1])
     assert FourLayerCNN("tanh", 2, 16)(x[:2]).shape == (2, 2) and FourLayerCNN("relu", 2, 16, "torch")(x[:2]).shape == (2, 2)
+
+
+def test_parallel_runner_queues_nothing_ahead_so_ctrl_c_starts_no_more_runs(monkeypatch):
+    """With --jobs N, only N runs are ever handed to the pool at once: when an interrupted run comes
+    back (Ctrl-C reached it), no queued run starts afterwards."""
+    from concurrent.futures import Future
+
+    from splitnet.experiments import ablate
+    submitted = []
+
+    class FakePool:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, cfg, run):
+            submitted.append(run)
+            f = Future()
+            f.set_result("interrupted" if len(submitted) == 2 else "finished")
+            return f
+    monkeypatch.setattr(ablate, "ProcessPoolExecutor", FakePool)
+    cfg = ablate.load_config(None, ["max_steps=1"])
+    tasks = [(f"e{i}", cfg, f"run{i}") for i in range(5)]
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        ablate._train_all(tasks, 2, finished.append)
+    assert submitted[:2] == ["run0", "run1"] and len(submitted) <= 3 and "run4" not in submitted

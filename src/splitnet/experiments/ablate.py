@@ -20,7 +20,7 @@ import os
 import statistics
 import time
 import tomllib
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -156,23 +156,29 @@ def _train_all(tasks: list, jobs: int, on_done) -> None:
             on_done(name)
         return
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    queue = iter(tasks)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futs = {}
-        for name, cfg, run in tasks:
-            d = _as_dict(cfg)
-            d["threads"] = d["threads"] or threads
-            futs[pool.submit(_train_run, d, str(run))] = name
-        try:
-            for f in as_completed(futs):
-                if f.result() == "interrupted":
+        running = {}
+
+        def start_next() -> None:
+            # One task per free worker, submitted only then: the pool queues nothing ahead, so a
+            # Ctrl-C leaves no queued run to start after the interrupted ones have saved.
+            for name, cfg, run in queue:
+                d = _as_dict(cfg)
+                d["threads"] = d["threads"] or threads
+                running[pool.submit(_train_run, d, str(run))] = name
+                return
+
+        for _ in range(jobs):
+            start_next()
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                name = running.pop(f)
+                if f.result() == "interrupted":  # Ctrl-C reached the runs too; they have saved
                     raise KeyboardInterrupt
-                on_done(futs[f])
-        except BaseException:
-            # Ctrl-C (or a failed run): start nothing more. Runs in flight got the same SIGINT from the
-            # terminal and save at their next step; `with` then waits for them, so none is cut mid-write.
-            for f in futs:
-                f.cancel()
-            raise
+                on_done(name)
+                start_next()
 
 
 def _result_row(name: str, cfg, meta: dict, runs: list, rel_time) -> dict:
