@@ -18,7 +18,6 @@ import logging
 import math
 import time
 import tomllib
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,8 +104,9 @@ class Run:
 def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(), progress: bool = True,
           overwrite: bool = False) -> dict:
     """Train `cfg` into run directory `out`, or resume the run there: with `sets` (--set) over its
-    config.toml, or with `cfg` as the wanted config; a resume may change only config.RESUME_SAFE. Returns a summary dict: {status: finished | max_steps |
-    max_minutes | interrupted, step, epoch, run_dir, minutes, the last evaluation, best}.
+    config.toml, or with `cfg` as the wanted config; a resume may change only config.RESUME_SAFE.
+    Returns a summary dict: {status: finished | max_steps | max_minutes | interrupted, step, epoch,
+    run_dir, minutes, the last evaluation, best}.
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 alone writes the run directory."""
     rundir = RunDir(out)
@@ -117,8 +117,7 @@ def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(
     else:
         ck, changes = None, {}
         if rundir.is_run() and not overwrite:
-            raise RunError(f"{rundir.path} already holds a run: continue it with --resume {rundir.path}, "
-                           f"start it again with --overwrite, or choose another --out")
+            raise _holds_a_run(rundir)
     rt = make_runtime(cfg)
     failed = False
     try:
@@ -151,6 +150,11 @@ def train_or_resume(cfg: TrainConfig, out, progress: bool = False) -> dict:
     return train(cfg, rundir.path, resume=rundir.is_run(), progress=progress)
 
 
+def _holds_a_run(rundir: RunDir) -> RunError:
+    return RunError(f"{rundir.path} already holds a run: continue it with --resume {rundir.path}, "
+                    f"start it again with --overwrite, or choose another --out")
+
+
 def _resume_config(rundir: RunDir, sets, wanted: TrainConfig | None) -> tuple:
     """(config with the resume's overrides, the checkpoint or None, {key: (old, new)} changed):
     checked, nothing written."""
@@ -158,7 +162,7 @@ def _resume_config(rundir: RunDir, sets, wanted: TrainConfig | None) -> tuple:
         raise FileNotFoundError(f"{rundir.path}: not a run directory (no config.toml) to resume")
     base = tomllib.loads(rundir.config.read_text())
     saved = load_config(None, (), base=base)
-    cfg = load_config(None, sets, base=base) if wanted is None else load_config(None, sets, base=to_dict(wanted))
+    cfg = load_config(None, sets, base=base if wanted is None else to_dict(wanted))
     changes = resume_changes(saved, cfg)
     ck = ckpt.load(rundir.checkpoint) if rundir.checkpoint.exists() else None
     return cfg, ck, changes
@@ -235,8 +239,7 @@ def _write_start(cfg, rundir: RunDir, ck, new_run: bool, overwrite: bool, state,
     rundir.lock()
     if new_run and rundir.is_run():  # checked again under the lock: a run started meanwhile
         if not overwrite:
-            raise RunError(f"{rundir.path} already holds a run: continue it with --resume {rundir.path}, "
-                           f"start it again with --overwrite, or choose another --out")
+            raise _holds_a_run(rundir)
         rundir.remove_run()
     gone = rundir.clean_temporaries()
     if gone:
