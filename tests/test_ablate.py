@@ -3,12 +3,16 @@ Figure 1's measurement on a tiny case."""
 import dataclasses
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import splitnet
+from splitnet.config import ConfigError
 from splitnet.experiments.ablate import experiment_names, load_experiment, run_ablations
+from splitnet.train.loop import train_or_resume
 from splitnet.data import ensure_cache, make_synthetic
 from splitnet.experiments.fig1 import FourLayerCNN, epochs_to, figure1
 from splitnet.model.columns import model_layout
@@ -103,6 +107,16 @@ def test_runner_fills_every_column_and_resumes(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr("splitnet.experiments.ablate.train_or_resume", boom)
     run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets, time_reps=1)
     assert (tmp_path / "runs" / "paper-seed0" / "checkpoint.pt").stat().st_mtime == mtime
+    # An experiment edited since its runs were trained: refused before any training, naming run and key.
+    with pytest.raises(ConfigError, match=r"paper-seed0: trained with model.dropout = 0.5, but .* now sets 0.25"):
+        run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets + ["model.dropout=0.25"], time_reps=1)
+    # Done is what the run directories say: a deleted run is trained again although its row is kept.
+    shutil.rmtree(tmp_path / "runs" / "no-lrn-seed0")
+    trained = []
+    monkeypatch.setattr("splitnet.experiments.ablate.train_or_resume",
+                        lambda cfg, run: trained.append(Path(run).name) or train_or_resume(cfg, run))
+    run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets, time_reps=1)
+    assert trained == ["no-lrn-seed0"] and (tmp_path / "runs" / "no-lrn-seed0" / "checkpoint.pt").exists()
 
 
 def test_figure1_tiny(tiny, tmp_path):

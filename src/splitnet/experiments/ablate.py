@@ -32,7 +32,7 @@ from ..model.columns import SplitAlexNet, model_layout
 from ..train import checkpoint as ckpt
 from ..train.config import apply_sets, load_config
 from ..train.evaluate import evaluate_checkpoints
-from ..train.loop import train_or_resume
+from ..train.loop import check_same_experiment, train_or_resume
 from ..train.rundir import read_metrics, run_done
 from .fig1 import figure1
 from .figures import colour_specificity, conv1_columns
@@ -245,19 +245,22 @@ def run_ablations(out, names=None, data=None, seeds: int = 1, sets=(), time_reps
     cfgs, metas = {}, {}
     for n in names:  # parse every file first: a bad one fails before hours of training
         cfgs[n], metas[n] = load_experiment(n, data, sets, suite)
+    runs = {n: [out / "runs" / f"{n}-seed{s}" for s in range(seeds)] for n in names}
+    seeded = {(n, s): load_config(None, [f"seed={s}"], base=_as_dict(cfgs[n])) for n in names for s in range(seeds)}
+    for (n, s), cfg in seeded.items():  # a run of an experiment file edited since: refuse, before any training
+        check_same_experiment(runs[n][s], cfg)
     timed = {n: r["step_time_rel_paper"] for n, r in done.items() if r.get("step_time_rel_paper")}
     to_time = {n: c for n, c in cfgs.items() if n not in timed}
     if to_time:  # before any training, so that nothing else runs while it times
         paper_cfg = cfgs.get("paper") or load_experiment("paper", data, sets, suite)[0]
         timed.update(step_times(paper_cfg, to_time, reps=time_reps))
-    todo = [n for n in names if done.get(n, {}).get("seeds_done", 0) < seeds]
+    # Done is what the run directories say, not the table: a deleted run is trained again
+    tasks = [(n, seeded[n, s], run) for n in names for s, run in enumerate(runs[n]) if not run_done(run, cfgs[n])]
+    todo = [n for n in names if n not in done or any(t[0] == n for t in tasks)]
     for n in names:
         if n not in todo:
             log.info("ablate: %s already done; kept", n)
             done[n]["step_time_rel_paper"] = timed[n]  # re-timed when its row had no step time
-    runs = {n: [out / "runs" / f"{n}-seed{s}" for s in range(seeds)] for n in todo}
-    tasks = [(n, load_config(None, [f"seed={s}"], base=_as_dict(cfgs[n])), run)
-             for n in todo for s, run in enumerate(runs[n]) if not run_done(run, cfgs[n])]
     left = {n: sum(1 for t in tasks if t[0] == n) for n in todo}
 
     def finish(n):

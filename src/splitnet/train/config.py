@@ -124,13 +124,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume_changes(saved: TrainConfig, new: TrainConfig) -> dict:
-    """{dotted key: (saved value, new value)} for the fields a resume changes; a ConfigError naming
-    the key when one of them is not in RESUME_SAFE."""
+def config_changes(saved: TrainConfig, new: TrainConfig) -> dict:
+    """{dotted key: (saved value, new value)} for every field that differs."""
     a, b = _flat(to_dict(saved)), _flat(to_dict(new))
     # model.num_classes is always the data's class count (the loop sets it), whatever a file says
-    changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-               if a.get(k) != b.get(k) and k != "model.num_classes"}
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k != "model.num_classes"}
+
+
+def resume_changes(saved: TrainConfig, new: TrainConfig) -> dict:
+    """config_changes(saved, new); a ConfigError naming the key when one of them is not in RESUME_SAFE."""
+    changed = config_changes(saved, new)
     for k, (old, value) in changed.items():
         if k not in RESUME_SAFE:
             raise ConfigError(f"{k}: cannot change on resume ({old!r} -> {value!r}); it would change what "

@@ -30,7 +30,7 @@ from ..data.rng import derive_seed
 from ..model.precision import autocast, memory_format, tf32
 from ..model.tune import calibrate, worth_calibrating
 from . import checkpoint as ckpt
-from .config import TrainConfig, dump_toml, load_config, resume_changes
+from .config import RESUME_SAFE, TrainConfig, config_changes, dump_toml, load_config, resume_changes
 from .distributed import DistributedError
 from .evaluate import evaluate_split, input_batches
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
@@ -44,7 +44,7 @@ log = logging.getLogger("splitnet")
 
 STREAM_DROPOUT = 3  # derive_seed stream for dropout masks (data/rng.py uses 1 and 2)
 
-__all__ = ["train", "train_one_epoch", "end_of_epoch", "train_or_resume", "read_metrics", "TrainingError"]
+__all__ = ["train", "train_one_epoch", "end_of_epoch", "train_or_resume", "check_same_experiment", "read_metrics", "TrainingError"]
 
 
 class TrainingError(RuntimeError):
@@ -144,10 +144,27 @@ def train_or_resume(cfg: TrainConfig, out, progress: bool = False) -> dict:
     its step or time budget, reached under `cfg`) is kept as it is; a started one is resumed with
     `cfg` (which may raise its budgets, nothing unsafe); else it starts."""
     rundir = RunDir(out)
+    check_same_experiment(rundir.path, cfg)
     if run_done(rundir.path, cfg):
         log.info("%s is done; kept", rundir.path)
         return {"status": "done", "run_dir": str(rundir.path)}
     return train(cfg, rundir.path, resume=rundir.is_run(), progress=progress)
+
+
+def check_same_experiment(run_dir, cfg: TrainConfig) -> None:
+    """A ConfigError naming the run and the key when the run in `run_dir` was trained with a setting
+    that `cfg` changes and a resume may not (config.RESUME_SAFE): its results answer another question,
+    so neither keeping nor continuing it is right. Nothing to check where no run is."""
+    rundir = RunDir(run_dir)
+    if not rundir.config.is_file():
+        return
+    saved = load_config(None, (), base=tomllib.loads(rundir.config.read_text()))
+    stale = {k: v for k, v in config_changes(saved, cfg).items() if k not in RESUME_SAFE}
+    if stale:
+        k, (old, new) = next(iter(stale.items()))
+        more = f" (and {len(stale) - 1} more: {', '.join(list(stale)[1:])})" if len(stale) > 1 else ""
+        raise ConfigError(f"{rundir.path}: trained with {k} = {old!r}, but its experiment now sets {new!r}"
+                          f"{more}. Move or delete that run directory to train it again, or choose another --out")
 
 
 def _holds_a_run(rundir: RunDir) -> RunError:
