@@ -149,6 +149,8 @@ def test_parallel_runner_queues_nothing_ahead_so_ctrl_c_starts_no_more_runs(monk
     submitted = []
 
     class FakePool:
+        _processes = {}
+
         def __init__(self, *a, **k):
             pass
 

@@ -19,7 +19,7 @@ from splitnet.cli import main
 from splitnet.data import DataConfig, ensure_cache, make_synthetic
 from splitnet.train import checkpoint as ckpt
 from splitnet.train.config import load_config
-from splitnet.train.errors import CheckpointError, RunError
+from splitnet.train.errors import CheckpointError
 from splitnet.train.loop import train, train_or_resume
 from splitnet.train.rundir import RunDir, read_metrics
 
@@ -187,6 +187,29 @@ def test_sigkill_at_random_moments_then_resume_equals_the_straight_run(c32, tmp_
     s = train(out=out, resume=True, progress=False)
     assert s["status"] == "finished" and not list(out.glob(".*.tmp-*"))
     assert [m["loss"] for m in _train_recs(out)] == [m["loss"] for m in _train_recs(straight)]
+
+
+def test_sigterm_to_ablate_alone_stops_both_parallel_runs_saved(c32, tmp_path):
+    """A scheduler's SIGTERM (or a `kill -INT`) to the `ablate --jobs 2` process alone reaches both runs,
+    which save and stop; none trains on. Before, the parent died at once and its workers trained on,
+    orphaned and unsaved."""
+    out = tmp_path / "abl"
+    runs = [out / "runs" / f"{n}-seed0" for n in ("paper", "no-lrn")]
+    cmd = [sys.executable, "-m", "splitnet", "ablate", "--suite", "cifar", "--data", str(c32), "--out", str(out),
+           "--only", "paper", "no-lrn", "--jobs", "2", "--time-reps", "1", *_cli_sets(c32, "epochs=1000", "log_every=1")]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not all((r / "metrics.jsonl").exists() for r in runs):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    steps = [len(_train_recs(r)) for r in runs]
+    for r in runs:
+        assert ckpt.load(r / "checkpoint.pt")["step"] == _train_recs(r)[-1]["step"], r
+    time.sleep(2)
+    assert [len(_train_recs(r)) for r in runs] == steps  # nothing left training
 
 
 def test_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(c32, tmp_path, monkeypatch):

@@ -13,10 +13,12 @@ after each experiment; finished experiments are kept, so an interrupted run resu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
 import os
+import signal
 import statistics
 import time
 import tomllib
@@ -157,28 +159,53 @@ def _train_all(tasks: list, jobs: int, on_done) -> None:
         return
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     queue = iter(tasks)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        running = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=os.setpgrp) as pool, _sigterm_interrupts():
+        # Workers lead their own process groups: a terminal's Ctrl-C reaches only this process, which
+        # forwards it once below (a second SIGINT would make a run stop without saving), and a
+        # `kill -INT` or a scheduler's SIGTERM sent to this process alone reaches the runs too.
+        try:
+            _run_pool(pool, queue, jobs, threads, on_done)
+        except KeyboardInterrupt:
+            for proc in list(pool._processes.values()):  # the pool has no public handle on its workers
+                os.kill(proc.pid, signal.SIGINT)
+            raise  # leaving the `with` waits for the runs to save
 
-        def start_next() -> None:
-            # One task per free worker, submitted only then: the pool queues nothing ahead, so a
-            # Ctrl-C leaves no queued run to start after the interrupted ones have saved.
-            for name, cfg, run in queue:
-                d = _as_dict(cfg)
-                d["threads"] = d["threads"] or threads
-                running[pool.submit(_train_run, d, str(run))] = name
-                return
 
-        for _ in range(jobs):
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt here, as SIGINT does (the default would orphan the workers)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _run_pool(pool, queue, jobs: int, threads: int, on_done) -> None:
+    running = {}
+
+    def start_next() -> None:
+        # One task per free worker, submitted only then: the pool queues nothing ahead, so a
+        # Ctrl-C leaves no queued run to start after the interrupted ones have saved.
+        for name, cfg, run in queue:
+            d = _as_dict(cfg)
+            d["threads"] = d["threads"] or threads
+            running[pool.submit(_train_run, d, str(run))] = name
+            return
+
+    for _ in range(jobs):
+        start_next()
+    while running:
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for f in done:
+            name = running.pop(f)
+            if f.result() == "interrupted":  # Ctrl-C reached the runs too; they have saved
+                raise KeyboardInterrupt
+            on_done(name)
             start_next()
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in done:
-                name = running.pop(f)
-                if f.result() == "interrupted":  # Ctrl-C reached the runs too; they have saved
-                    raise KeyboardInterrupt
-                on_done(name)
-                start_next()
 
 
 def _result_row(name: str, cfg, meta: dict, runs: list, rel_time) -> dict:
