@@ -3,3 +3,15 @@ from pathlib import Path
 
 # The tests import their independent reference network (tests/reference.py) by name.
 sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cache32(tmp_path_factory):
+    """A tiny 10-class synthetic set prepared at CIFAR's native 32x32 (8 train, 2 val images a class):
+    runs at the CIFAR scale (experiments/cifar.toml) take seconds where the full-size network takes minutes."""
+    from splitnet.data import DataConfig, ensure_cache, make_synthetic
+    home = tmp_path_factory.mktemp("cache32")
+    root = make_synthetic(home / "syn", seed=5, classes=10, train_per_class=8, val_per_class=2)
+    return ensure_cache(root, home, DataConfig(image_size=32))

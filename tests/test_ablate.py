@@ -84,10 +84,11 @@ def tiny(tmp_path_factory):
     return ensure_cache(root, home)
 
 
-def test_runner_fills_every_column_and_resumes(tiny, tmp_path, monkeypatch):
-    sets = [f'data.root="{tiny}"', "batch_size=4", "max_steps=1", "data.workers=0", "eval_batch_size=20",
-            "max_minutes=0"]
-    rows = run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets, time_reps=1)
+def test_runner_fills_every_column_and_resumes(cache32, tmp_path, monkeypatch):
+    """At the CIFAR scale (seconds a run); the suites share this runner."""
+    sets = ["batch_size=4", "max_steps=1", "data.workers=0", "eval_batch_size=20", "max_minutes=0"]
+    kw = dict(data=str(cache32), time_reps=1, suite="cifar")
+    rows = run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets, **kw)
     data = json.loads((tmp_path / "ablations.json").read_text())
     assert [r["name"] for r in data] == ["paper", "no-lrn"]
     for r in data:
@@ -105,17 +106,17 @@ def test_runner_fills_every_column_and_resumes(tiny, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("retrained a finished experiment")
     monkeypatch.setattr("splitnet.experiments.ablate.train_or_resume", boom)
-    run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets, time_reps=1)
+    run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets, **kw)
     assert (tmp_path / "runs" / "paper-seed0" / "checkpoint.pt").stat().st_mtime == mtime
     # An experiment edited since its runs were trained: refused before any training, naming run and key.
     with pytest.raises(ConfigError, match=r"paper-seed0: trained with model.dropout = 0.5, but .* now sets 0.25"):
-        run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets + ["model.dropout=0.25"], time_reps=1)
+        run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets + ["model.dropout=0.25"], **kw)
     # Done is what the run directories say: a deleted run is trained again although its row is kept.
     shutil.rmtree(tmp_path / "runs" / "no-lrn-seed0")
     trained = []
     monkeypatch.setattr("splitnet.experiments.ablate.train_or_resume",
                         lambda cfg, run: trained.append(Path(run).name) or train_or_resume(cfg, run))
-    run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets, time_reps=1)
+    run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets, **kw)
     assert trained == ["no-lrn-seed0"] and (tmp_path / "runs" / "no-lrn-seed0" / "checkpoint.pt").exists()
 
 

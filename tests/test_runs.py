@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from splitnet.cli import main
-from splitnet.data import DataConfig, ensure_cache, make_synthetic
 from splitnet.train import checkpoint as ckpt
 from splitnet.train.config import load_config
 from splitnet.train.errors import CheckpointError
@@ -27,11 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT / "experiments" / "cifar.toml"
 
 
-@pytest.fixture(scope="module")
-def c32(tmp_path_factory):
-    home = tmp_path_factory.mktemp("c32runs")
-    root = make_synthetic(home / "syn", seed=5, classes=10, train_per_class=8, val_per_class=2)
-    return ensure_cache(root, home, DataConfig(image_size=32))
+@pytest.fixture()
+def c32(cache32):
+    return cache32
 
 
 def _cfg(cache, *extra):

@@ -20,6 +20,7 @@ from splitnet.train.loop import TrainingError, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.toml"
+CIFAR = ROOT / "experiments" / "cifar.toml"
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +46,19 @@ def straight_run(tiny_cache, tmp_path_factory):
     """An uninterrupted run of 6 steps (80 images, batch 8: 10 steps per epoch)."""
     out = tmp_path_factory.mktemp("straight")
     train(load_config(SMOKE, _sets(tiny_cache, "max_steps=6")), out, progress=False)
+    return out
+
+
+def _sets32(cache32, *extra):
+    return [f'data.root="{cache32}"', "batch_size=8", "data.workers=0", "eval_batch_size=20", "threads=2", *extra]
+
+
+@pytest.fixture(scope="session")
+def straight32(cache32, tmp_path_factory):
+    """The same at the CIFAR scale (experiments/cifar.toml; 80 images, batch 8), for the tests of the
+    run machinery that need not pay for the full-size network."""
+    out = tmp_path_factory.mktemp("straight32")
+    train(load_config(CIFAR, _sets32(cache32, "max_steps=6")), out, progress=False)
     return out
 
 
@@ -85,39 +99,41 @@ def test_resume_is_exact(tiny_cache, straight_run, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_device_input_path_trains_the_same_run(tiny_cache, straight_run, tmp_path):
+def test_device_input_path_trains_the_same_run(cache32, straight32, tmp_path):
     """Batches finished on the model's device from the uint8 cache (here the CPU, in the main process)
     are bitwise the workers' batches: the same losses and weights as the default path, and resumable
     mid-run across the two paths."""
     out = tmp_path / "run"
-    train(load_config(SMOKE, _sets(tiny_cache, "max_steps=3", 'input_device="device"')), out, progress=False)
+    train(load_config(CIFAR, _sets32(cache32, "max_steps=3", 'input_device="device"')), out, progress=False)
     train(out=out, resume=True, sets=["max_steps=6", 'input_device="cpu"'], progress=False)
-    assert _losses(out) == _losses(straight_run)
-    a, b = ckpt.load(out / "checkpoint.pt"), ckpt.load(straight_run / "checkpoint.pt")
+    assert _losses(out) == _losses(straight32)
+    a, b = ckpt.load(out / "checkpoint.pt"), ckpt.load(straight32 / "checkpoint.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_evaluation_on_the_device_path_equals_the_cpu_path(tiny_cache, straight_run):
+def test_evaluation_on_the_device_path_equals_the_cpu_path(cache32, straight32):
     """Validation patches cut by DeviceBatches (centre and ten patches) give the same errors and
     probabilities as the workers' float batches."""
     from splitnet.config import replace
     from splitnet.data import PackedDataset
     from splitnet.train.evaluate import evaluate_split
-    model, cfg, _ = ckpt.model_from_checkpoint(ckpt.load(straight_run / "checkpoint.pt"), devices="cpu")
-    ds = PackedDataset(tiny_cache, "val")
+    model, cfg, _ = ckpt.model_from_checkpoint(ckpt.load(straight32 / "checkpoint.pt"), devices="cpu")
+    ds = PackedDataset(cache32, "val")
     for ten in (False, True):
-        got = [evaluate_split(model, tiny_cache, ds, replace(cfg, input_device=where), ten=ten)
+        got = [evaluate_split(model, cache32, ds, replace(cfg, input_device=where), ten=ten)
                for where in ("device", "cpu")]
         assert got[0] == got[1] and 0 <= got[0]["val_top5_err"] <= got[0]["val_top1_err"] <= 1, got
 
 
-def test_bf16_channels_last_run_tracks_fp32_and_resumes(tiny_cache, straight_run, tmp_path):
+def test_bf16_channels_last_run_tracks_fp32_and_resumes(cache32, tmp_path):
     """precision="bf16_cl" (the GPU fast path; autocast runs on the CPU too): the losses follow the
     fp32 run's to bf16 accuracy without being equal (autocast is on), the checkpoint holds float32
-    weights, and the run resumes."""
+    weights, and the run resumes. At the CIFAR scale, where bf16 on a CPU takes seconds."""
+    sets = [f'data.root="{cache32}"', "batch_size=8", "data.workers=0", "eval_batch_size=20", "threads=2"]
+    train(load_config(CIFAR, sets + ["max_steps=3"]), tmp_path / "fp32", progress=False)
     out = tmp_path / "run"
-    train(load_config(SMOKE, _sets(tiny_cache, "max_steps=3", 'precision="bf16_cl"')), out, progress=False)
-    ref = _losses(straight_run)[:3]
+    train(load_config(CIFAR, sets + ["max_steps=3", 'precision="bf16_cl"']), out, progress=False)
+    ref = _losses(tmp_path / "fp32")
     got = _losses(out)
     assert got != ref
     assert all(abs(a - b) < 0.02 * b for a, b in zip(got, ref)), (got, ref)
@@ -142,11 +158,13 @@ def test_device_batches_match_the_cpu_loader(tiny_cache):
             assert torch.equal(x, rx) and torch.equal(y, ry)
 
 
-def test_sigint_saves_and_resume_continues(tiny_cache, straight_run, tmp_path):
+def test_sigint_saves_and_resume_continues(cache32, tmp_path):
+    """SIGINT lands mid-run (a long run, stopped after its first logged step): the step finishes, the
+    run saves and exits 130; resumed to k + 2 steps it equals a straight run of k + 2 steps bitwise."""
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    cmd = [sys.executable, "-m", "splitnet", "train", "--config", str(SMOKE), "--out", str(out)]
-    for s in _sets(tiny_cache, "max_steps=6"):
+    cmd = [sys.executable, "-m", "splitnet", "train", "--config", str(CIFAR), "--out", str(out)]
+    for s in _sets32(cache32, "max_steps=100000", "epochs=100000", "log_every=1"):
         cmd += ["--set", s]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -158,15 +176,17 @@ def test_sigint_saves_and_resume_continues(tiny_cache, straight_run, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "resume with" in err
-    ck = ckpt.load(out / "checkpoint.pt")
-    assert 1 <= ck["step"] < 6 and ck["step"] == len(_losses(out))
-    train(out=out, resume=True, progress=False)
-    assert _losses(out) == _losses(straight_run)
+    k = ckpt.load(out / "checkpoint.pt")["step"]
+    assert k >= 1 and k == len(_losses(out))
+    train(out=out, resume=True, sets=[f"max_steps={k + 2}"], progress=False)
+    straight = train(load_config(CIFAR, _sets32(cache32, f"max_steps={k + 2}", "epochs=100000")), tmp_path / "s",
+                     progress=False)
+    assert straight["step"] == k + 2 and _losses(out) == _losses(tmp_path / "s")
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cache, tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cache32, tmp_path):
     out = tmp_path / "run"
-    cfg = load_config(SMOKE, _sets(tiny_cache, "max_steps=6", "optim.lr=1e8", "checkpoint_every=1"))
+    cfg = load_config(CIFAR, _sets32(cache32, "max_steps=6", "optim.lr=1e8", "checkpoint_every=1"))
     with pytest.raises(TrainingError, match="loss is (nan|inf).*step"):
         train(cfg, out, progress=False)
     ck = ckpt.load(out / "checkpoint.pt")
@@ -220,31 +240,33 @@ def test_ensemble_is_the_mean_of_probabilities():
         ensemble([p1, torch.zeros(3, 2)])
 
 
-def test_eval_command_with_ensemble(straight_run, tiny_cache, capsys, tmp_path):
+def test_eval_command_with_ensemble(straight32, capsys, tmp_path):
     out = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(straight_run), "--ten-crop", "--ensemble", str(straight_run),
+    assert main(["eval", "--checkpoint", str(straight32), "--ten-crop", "--ensemble", str(straight32),
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     kinds = [(r["model"].startswith("ensemble"), r["patches"]) for r in rows]
     assert kinds == [(False, 1), (False, 10), (False, 1), (False, 10), (True, 1), (True, 10)]
     # An ensemble of a model with itself is that model.
     assert rows[4]["top1_err"] == rows[0]["top1_err"] and rows[5]["top5_err"] == rows[1]["top5_err"]
-    assert all(r["images"] == 30 for r in rows)
+    assert all(r["images"] == 20 for r in rows)
 
 
-def test_reproduce_writes_a_report_with_all_figures(tiny_cache, tmp_path):
+def test_reproduce_writes_a_report_with_all_figures(cache32, tmp_path):
+    """The whole pipeline (train, both evaluations, every figure, the tables), at the CIFAR scale so
+    that it takes seconds; test_cifar_scale and the train tests above cover the full-size network."""
     out = tmp_path / "rep"
-    assert main(["reproduce", "--out", str(out), "--config", str(SMOKE), "--set", f'data.root="{tiny_cache}"',
-                 "--set", "batch_size=8", "--set", "max_steps=2", "--set", "data.workers=0"]) == 0
+    args = ["reproduce", "--out", str(out), "--config", str(CIFAR), "--set", f'data.root="{cache32}"',
+            "--set", "batch_size=8", "--set", "max_steps=2", "--set", "data.workers=0", "--set", "eval_batch_size=20"]
+    assert main(args) == 0
     text = (out / "report.md").read_text()
     for fig in ("figure3_conv1_kernels.png", "figure4_predictions_neighbours.png", "training_curves.png"):
         assert (out / "figures" / fig).stat().st_size > 1000, fig
         assert fig in text
-    for needle in ("40.7", "37.5", "chance on our data", "Colour specificity", "bytes per image", "smoke",
+    for needle in ("40.7", "37.5", "chance on our data", "Colour specificity", "bytes per image", "cifar",
                    "The best validation evaluation during training (`best.pt`"):
         assert needle in text, needle
     # Running it again reuses the trained run instead of training again.
     mtime = (out / "run" / "checkpoint.pt").stat().st_mtime
-    assert main(["reproduce", "--out", str(out), "--config", str(SMOKE), "--set", f'data.root="{tiny_cache}"',
-                 "--set", "batch_size=8", "--set", "max_steps=2", "--set", "data.workers=0"]) == 0
+    assert main(args) == 0
     assert (out / "run" / "checkpoint.pt").stat().st_mtime == mtime
