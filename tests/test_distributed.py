@@ -15,13 +15,12 @@ import splitnet
 from reference import rel
 from splitnet.train import checkpoint as ckpt
 from splitnet.model.convert import column_tensors, grouped_from_columns
-from splitnet.data import ensure_cache, make_synthetic
 from splitnet.train.config import load_config
 from splitnet.train.evaluate import evaluate_split
 from splitnet.train.loop import read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "experiments" / "smoke.toml"
+CIFAR = ROOT / "experiments" / "cifar.toml"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + str(ROOT / "tests"), OMP_NUM_THREADS="1")
 
 
@@ -40,10 +39,10 @@ def _torchrun(n, *args, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def dcache(tmp_path_factory):
-    home = tmp_path_factory.mktemp("ddata")
-    root = make_synthetic(home / "syn", seed=2, classes=10, train_per_class=8, val_per_class=2)
-    return ensure_cache(root, home)
+def dcache(cache32):
+    """Runs at the CIFAR scale (experiments/cifar.toml): the ranks' start-up, not the network, is
+    their cost; the full-size network's distributed function is test_ranks_compute_the_single_process_function."""
+    return cache32
 
 
 def _sets(cache, *extra):
@@ -81,7 +80,7 @@ def test_ranks_compute_the_single_process_function(tmp_path, ranks):
 @pytest.fixture(scope="module")
 def single_run(dcache, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    train(load_config(SMOKE, _sets(dcache, "max_steps=3")), out, progress=False)
+    train(load_config(CIFAR, _sets(dcache, "max_steps=3")), out, progress=False)
     return out
 
 
@@ -92,7 +91,7 @@ def _losses(run):
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_torchrun_training_equals_one_process(dcache, single_run, tmp_path, ranks):
     out = tmp_path / "run"
-    args = ["-m", "splitnet", "train", "--config", str(SMOKE), "--out", str(out)]
+    args = ["-m", "splitnet", "train", "--config", str(CIFAR), "--out", str(out)]
     for s in _sets(dcache, "max_steps=3"):
         args += ["--set", s]
     _torchrun(ranks, *args)
@@ -131,8 +130,8 @@ def _two_ranks(dcache, out, timeout_s):
     for rank in range(2):
         env = dict(ENV, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
-        cmd = [sys.executable, "-m", "splitnet", "train", "--config", str(SMOKE), "--out", str(out)]
-        for s in _sets(dcache, "max_steps=50", f"dist_timeout_s={timeout_s}"):
+        cmd = [sys.executable, "-m", "splitnet", "train", "--config", str(CIFAR), "--out", str(out)]
+        for s in _sets(dcache, "max_steps=100000", "epochs=100000", "log_every=1", f"dist_timeout_s={timeout_s}"):
             cmd += ["--set", s]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     deadline = time.time() + 120
