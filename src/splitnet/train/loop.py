@@ -44,7 +44,8 @@ log = logging.getLogger("splitnet")
 
 STREAM_DROPOUT = 3  # derive_seed stream for dropout masks (data/rng.py uses 1 and 2)
 
-__all__ = ["train", "train_one_epoch", "end_of_epoch", "train_or_resume", "check_same_experiment", "read_metrics", "TrainingError"]
+__all__ = ["train", "train_one_epoch", "end_of_epoch", "train_or_resume", "check_same_experiment", "read_metrics",
+           "TrainingError"]
 
 
 class TrainingError(RuntimeError):
@@ -215,11 +216,11 @@ def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bo
     state = TrainState(lr=cfg.optim.lr)
     if ck is not None:
         state = _restore(ck, rundir, model, opt, sched, classes, changes)
-    if main:
-        _write_start(cfg, rundir, ck, new_run, overwrite, state, data_desc, cache, classes, train_ds, val_ds,
-                     model, rt)
     run = Run(cfg, rundir, rt, model, opt, sched, cache, train_ds, val_ds, classes, state, progress=progress,
               elapsed0=state.elapsed_s)
+    if main:
+        _write_start(run, ck, new_run, overwrite, data_desc)
+    run.t0 = time.time()  # the segment's training clock starts after the checks and a GPU calibration
     if main:
         run.metrics = Metrics(rundir.metrics)
         for k, (old, new) in changes.items():
@@ -250,9 +251,9 @@ def _restore(ck: dict, rundir: RunDir, model, opt, sched, classes, changes) -> T
     return state
 
 
-def _write_start(cfg, rundir: RunDir, ck, new_run: bool, overwrite: bool, state, data_desc, cache, classes,
-                 train_ds, val_ds, model, rt) -> None:
+def _write_start(run: Run, ck, new_run: bool, overwrite: bool, data_desc) -> None:
     """Everything is checked: lock the folder and write config.toml, run.json and the metrics' cut."""
+    cfg, rundir, state, model, mesh = run.cfg, run.dir, run.state, run.model, run.rt.mesh
     rundir.lock()
     if new_run and rundir.is_run():  # checked again under the lock: a run started meanwhile
         if not overwrite:
@@ -266,7 +267,6 @@ def _write_start(cfg, rundir: RunDir, ck, new_run: bool, overwrite: bool, state,
     if ck is not None:
         log.info("train: resuming %s at step %d (epoch %d, batch %d)", rundir.path, state.step, state.epoch,
                  state.batch)
-    mesh = rt.mesh
     concurrency = {"requested": cfg.concurrency}
     if mesh is None and worth_calibrating(model):  # a GPU: time the candidates once (model/tune.py)
         tuned = calibrate(model, cfg.batch_size, mode=cfg.precision)
@@ -274,8 +274,8 @@ def _write_start(cfg, rundir: RunDir, ck, new_run: bool, overwrite: bool, state,
         log.info("train: concurrency auto -> %s (one training pass: %s)", tuned["strategy"], ", ".join(
             f"{k} {1000 * v:.1f} ms" for k, v in tuned["step_s"].items()))
     concurrency["strategy"] = model.strategy
-    static = {"data": data_desc, "cache": str(cache), "classes": classes, "train_images": len(train_ds),
-              "val_images": len(val_ds) if val_ds is not None else 0, "layout": model.layout.name,
+    static = {"data": data_desc, "cache": str(run.cache), "classes": run.classes, "train_images": len(run.train_ds),
+              "val_images": len(run.val_ds) if run.val_ds is not None else 0, "layout": model.layout.name,
               "exchange_bytes_per_image": model.layout.exchange_bytes_per_image(),
               "params": model.layout.params()}
     segment = {"commit": git_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": state.step,
