@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,21 @@ def test_parallel_runner_queues_nothing_ahead_so_ctrl_c_starts_no_more_runs(monk
     with pytest.raises(KeyboardInterrupt):
         ablate._train_all(tasks, 2, finished.append)
     assert submitted[:2] == ["run0", "run1"] and len(submitted) <= 3 and "run4" not in submitted
+
+
+def test_a_runs_time_in_the_table_leaves_out_the_pause_before_its_resume(cache32, tmp_path):
+    """train_minutes and train_images_per_s come from the checkpoint's elapsed_s: a run interrupted and
+    resumed later is not charged for the wait (the CIFAR grid's resumed four-columns showed 47 minutes)."""
+    from splitnet.experiments.ablate import _working_seconds
+    from splitnet.train import checkpoint as ckpt
+    from splitnet.train.loop import train
+    from splitnet.train.rundir import read_metrics
+    sets = ["batch_size=8", "max_steps=2", "data.workers=0", "eval_batch_size=20", "log_every=1"]
+    run = tmp_path / "run"
+    train(load_experiment("paper", str(cache32), sets, "cifar")[0], run, progress=False)
+    time.sleep(5)  # the pause; a segment's own overheads (start, evaluation, saves) stay well under half of it
+    train(out=run, resume=True, sets=["max_steps=4"], progress=False)
+    stamps = [m["time"] for m in read_metrics(run) if m["kind"] == "train"]
+    seconds = _working_seconds(run, read_metrics(run))
+    assert len(stamps) == 4 and seconds == ckpt.load(run / "checkpoint.pt")["state"]["elapsed_s"]
+    assert 0 < seconds < stamps[-1] - stamps[0] - 2.5, (seconds, stamps)

@@ -217,7 +217,8 @@ def _result_row(name: str, cfg, meta: dict, runs: list, rel_time) -> dict:
         rows.append({p["patches"]: p for p in r})
     res = {"name": name, **_static(cfg, runs[0])}
     metrics = [read_metrics(run) for run in runs]
-    speeds = [_images_per_s(m) for m in metrics]
+    seconds = [_working_seconds(run, m) for run, m in zip(runs, metrics)]
+    speeds = [m[-1]["step"] * cfg.batch_size / t if m and t else None for m, t in zip(metrics, seconds)]
     res.update({
         "group": meta.get("group", ""),
         "step_time_rel_paper": rel_time,
@@ -230,7 +231,7 @@ def _result_row(name: str, cfg, meta: dict, runs: list, rel_time) -> dict:
         "per_seed": [{"top1_err": r[1]["top1_err"], "top5_err": r[1]["top5_err"],
                       "ten_top1_err": r[10]["top1_err"], "ten_top5_err": r[10]["top5_err"]} for r in rows],
         "steps": [m[-1].get("step") if m else None for m in metrics],
-        "train_minutes": [_train_minutes(m) for m in metrics],
+        "train_minutes": [t / 60 if t else None for t in seconds],
         "train_images_per_s": _mean([v for v in speeds if v]),
         "colour_specificity": [_colour(run) for run in runs],
         "paper_delta_top1": meta.get("paper_delta_top1"), "paper_delta_top5": meta.get("paper_delta_top5"),
@@ -239,19 +240,15 @@ def _result_row(name: str, cfg, meta: dict, runs: list, rel_time) -> dict:
     return res
 
 
-def _images_per_s(metrics: list):
-    """Training images per second of wall-clock time over a run's steps (first step excluded: it
-    includes start-up), from the `time` stamps of its metrics."""
-    steps = [m for m in metrics if m["kind"] == "train" and "time" in m]
-    if len(steps) < 2:
-        return None
-    images = sum(m["images_per_s"] * m["step_s"] for m in steps[1:])
-    return images / max(steps[-1]["time"] - steps[0]["time"], 1e-9)
-
-
-def _train_minutes(metrics: list):
-    steps = [m for m in metrics if m["kind"] == "train" and "time" in m]
-    return (steps[-1]["time"] - steps[0]["time"]) / 60 if len(steps) > 1 else None
+def _working_seconds(run: Path, metrics: list):
+    """Seconds the run worked, over all its segments: its checkpoint's elapsed_s (TrainState; the time
+    between an interruption and its resume is not in it), else (a checkpoint from before elapsed_s was
+    recorded) the span of its metrics' time stamps."""
+    state = ckpt.load(Path(run) / "checkpoint.pt").get("state", {})
+    if "elapsed_s" in state:
+        return float(state["elapsed_s"])
+    stamps = [m["time"] for m in metrics if m["kind"] == "train" and "time" in m]
+    return stamps[-1] - stamps[0] if len(stamps) > 1 else None
 
 
 def _colour(run: Path) -> list:
