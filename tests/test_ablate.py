@@ -189,6 +189,7 @@ def test_a_runs_time_in_the_table_leaves_out_the_pause_before_its_resume(cache32
     time.sleep(5)  # the pause; a segment's own overheads (start, evaluation, saves) stay well under half of it
     train(out=run, resume=True, sets=["max_steps=4"], progress=False)
     stamps = [m["time"] for m in read_metrics(run) if m["kind"] == "train"]
-    seconds = _working_seconds(run, read_metrics(run))
-    assert len(stamps) == 4 and seconds == ckpt.load(run / "checkpoint.pt")["state"]["elapsed_s"]
+    ck = ckpt.load(run / "checkpoint.pt")
+    seconds = _working_seconds(ck, read_metrics(run))
+    assert len(stamps) == 4 and seconds == ck["state"]["elapsed_s"]
     assert 0 < seconds < stamps[-1] - stamps[0] - 2.5, (seconds, stamps)

@@ -129,10 +129,9 @@ def test_bf16_channels_last_run_tracks_fp32_and_resumes(cache32, tmp_path):
     """precision="bf16_cl" (the GPU fast path; autocast runs on the CPU too): the losses follow the
     fp32 run's to bf16 accuracy without being equal (autocast is on), the checkpoint holds float32
     weights, and the run resumes. At the CIFAR scale, where bf16 on a CPU takes seconds."""
-    sets = [f'data.root="{cache32}"', "batch_size=8", "data.workers=0", "eval_batch_size=20", "threads=2"]
-    train(load_config(CIFAR, sets + ["max_steps=3"]), tmp_path / "fp32", progress=False)
+    train(load_config(CIFAR, _sets32(cache32, "max_steps=3")), tmp_path / "fp32", progress=False)
     out = tmp_path / "run"
-    train(load_config(CIFAR, sets + ["max_steps=3", 'precision="bf16_cl"']), out, progress=False)
+    train(load_config(CIFAR, _sets32(cache32, "max_steps=3", 'precision="bf16_cl"')), out, progress=False)
     ref = _losses(tmp_path / "fp32")
     got = _losses(out)
     assert got != ref

@@ -217,7 +217,11 @@ def _result_row(name: str, cfg, meta: dict, runs: list, rel_time) -> dict:
         rows.append({p["patches"]: p for p in r})
     res = {"name": name, **_static(cfg, runs[0])}
     metrics = [read_metrics(run) for run in runs]
-    seconds = [_working_seconds(run, m) for run, m in zip(runs, metrics)]
+    seconds, colours = [], []
+    for run, m in zip(runs, metrics):
+        ck = ckpt.load(Path(run) / "checkpoint.pt")  # once a run: its working time and its conv1 kernels
+        seconds.append(_working_seconds(ck, m))
+        colours.append(_colour(ck))
     speeds = [m[-1]["step"] * cfg.batch_size / t if m and t else None for m, t in zip(metrics, seconds)]
     res.update({
         "group": meta.get("group", ""),
@@ -233,27 +237,27 @@ def _result_row(name: str, cfg, meta: dict, runs: list, rel_time) -> dict:
         "steps": [m[-1].get("step") if m else None for m in metrics],
         "train_minutes": [t / 60 if t else None for t in seconds],
         "train_images_per_s": _mean([v for v in speeds if v]),
-        "colour_specificity": [_colour(run) for run in runs],
+        "colour_specificity": colours,
         "paper_delta_top1": meta.get("paper_delta_top1"), "paper_delta_top5": meta.get("paper_delta_top5"),
         "runs": [str(r) for r in runs],
     })
     return res
 
 
-def _working_seconds(run: Path, metrics: list):
-    """Seconds the run worked, over all its segments: its checkpoint's elapsed_s (TrainState; the time
+def _working_seconds(ck: dict, metrics: list):
+    """Seconds a run worked, over all its segments: its checkpoint's elapsed_s (TrainState; the time
     between an interruption and its resume is not in it), else (a checkpoint from before elapsed_s was
     recorded) the span of its metrics' time stamps."""
-    state = ckpt.load(Path(run) / "checkpoint.pt").get("state", {})
+    state = ck.get("state", {})
     if "elapsed_s" in state:
         return float(state["elapsed_s"])
     stamps = [m["time"] for m in metrics if m["kind"] == "train" and "time" in m]
     return stamps[-1] - stamps[0] if len(stamps) > 1 else None
 
 
-def _colour(run: Path) -> list:
+def _colour(ck: dict) -> list:
     """Figure 3's measure, mean colour specificity of each column's conv1 kernels (figures.py)."""
-    model = ckpt.model_from_checkpoint(ckpt.load(Path(run) / "checkpoint.pt"), devices="cpu")[0]
+    model = ckpt.model_from_checkpoint(ck, devices="cpu")[0]
     return [float(colour_specificity(k).mean()) for k in conv1_columns(model)]
 
 

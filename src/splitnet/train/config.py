@@ -132,13 +132,17 @@ def config_changes(saved: TrainConfig, new: TrainConfig) -> dict:
             if a.get(k) != b.get(k) and k != "model.num_classes"}
 
 
+def unsafe_changes(changed: dict) -> dict:
+    """The entries of config_changes() that a resume may not make (keys not in RESUME_SAFE)."""
+    return {k: v for k, v in changed.items() if k not in RESUME_SAFE}
+
+
 def resume_changes(saved: TrainConfig, new: TrainConfig) -> dict:
     """config_changes(saved, new); a ConfigError naming the key when one of them is not in RESUME_SAFE."""
     changed = config_changes(saved, new)
-    for k, (old, value) in changed.items():
-        if k not in RESUME_SAFE:
-            raise ConfigError(f"{k}: cannot change on resume ({old!r} -> {value!r}); it would change what "
-                              f"the saved run means. Start a new run (--out) instead")
+    for k, (old, value) in unsafe_changes(changed).items():
+        raise ConfigError(f"{k}: cannot change on resume ({old!r} -> {value!r}); it would change what "
+                          f"the saved run means. Start a new run (--out) instead")
     return changed
 
 

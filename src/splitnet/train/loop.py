@@ -30,7 +30,7 @@ from ..data.rng import derive_seed
 from ..model.precision import autocast, memory_format, tf32
 from ..model.tune import calibrate, worth_calibrating
 from . import checkpoint as ckpt
-from .config import RESUME_SAFE, TrainConfig, config_changes, dump_toml, load_config, resume_changes
+from .config import TrainConfig, config_changes, dump_toml, load_config, resume_changes, unsafe_changes
 from .distributed import DistributedError
 from .evaluate import evaluate_split, input_batches
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
@@ -159,8 +159,7 @@ def check_same_experiment(run_dir, cfg: TrainConfig) -> None:
     rundir = RunDir(run_dir)
     if not rundir.config.is_file():
         return
-    saved = load_config(None, (), base=tomllib.loads(rundir.config.read_text()))
-    stale = {k: v for k, v in config_changes(saved, cfg).items() if k not in RESUME_SAFE}
+    stale = unsafe_changes(config_changes(_saved_config(rundir)[1], cfg))
     if stale:
         k, (old, new) = next(iter(stale.items()))
         more = f" (and {len(stale) - 1} more: {', '.join(list(stale)[1:])})" if len(stale) > 1 else ""
@@ -173,13 +172,18 @@ def _holds_a_run(rundir: RunDir) -> RunError:
                     f"start it again with --overwrite, or choose another --out")
 
 
+def _saved_config(rundir: RunDir) -> tuple:
+    """(config.toml as a dict, the TrainConfig it gives) of the run in `rundir`."""
+    base = tomllib.loads(rundir.config.read_text())
+    return base, load_config(None, (), base=base)
+
+
 def _resume_config(rundir: RunDir, sets, wanted: TrainConfig | None) -> tuple:
     """(config with the resume's overrides, the checkpoint or None, {key: (old, new)} changed):
     checked, nothing written."""
     if not rundir.config.is_file():
         raise FileNotFoundError(f"{rundir.path}: not a run directory (no config.toml) to resume")
-    base = tomllib.loads(rundir.config.read_text())
-    saved = load_config(None, (), base=base)
+    base, saved = _saved_config(rundir)
     cfg = load_config(None, sets, base=base if wanted is None else to_dict(wanted))
     changes = resume_changes(saved, cfg)
     ck = ckpt.load(rundir.checkpoint) if rundir.checkpoint.exists() else None
