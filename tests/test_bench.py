@@ -231,13 +231,24 @@ def test_precision_modes_restore_flags_and_autocast():
 
 
 def test_distributed_bench_tiny():
-    """2 gloo ranks under torchrun vs one process: both run, the exchanges are timed per layer."""
+    """2 gloo ranks and 4 (2 replicas x 2 columns) under torchrun vs one process: all run, the
+    exchanges are timed per layer, overlapped and flat gradient reduction are both timed, and the
+    bytes every rank sent equal the layout's count."""
     from splitnet.bench.dist import distributed_vs_single
-    d = distributed_vs_single(batch=2, steps=1)
+    d = distributed_vs_single(batch=4, steps=1)
     assert d["single_step_s"] > 0 and d["ranks2_step_s"] > 0
     assert set(d["exchange_share"]) == {"conv3", "fc6", "fc7", "fc8"}
     assert all(0 < v < 1 for v in d["exchange_share"].values())
     assert d["single_strategy"] == SplitAlexNet(10, devices="cpu").strategy  # as training would run it
+    r = d["ranks4_reduce"]
+    assert r["flat_step_s"] > 0 and r["overlap_step_s"] > 0 and r["buckets"] > 1
+    assert r["ratio_overlap_over_flat"]["n"] == 1
+    for ranks, sent in ((2, d["ranks2_sent"]), (4, d["ranks4_sent"])):
+        assert sorted(s["rank"] for s in sent) == list(range(ranks))
+        for s in sent:
+            assert s["sent"]["exchange"] == s["expected"]["exchange"] > 0
+            assert s["sent"].get("gradients", 0) == pytest.approx(s["expected"]["gradients"])
+            assert (s["expected"]["gradients"] > 0) == (ranks == 4)
 
 
 def test_input_path_bench_tiny():

@@ -140,3 +140,43 @@ def test_ensure_cache_prepares_once_then_reuses(tmp_path, cache, monkeypatch):
     assert ensure_cache(cache, tmp_path / "work") == cache  # a cache is used as it is
     with pytest.raises(FileNotFoundError, match="neither a prepared cache"):
         ensure_cache(tmp_path / "work", tmp_path / "work")
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_a_replica_builds_only_its_rows_of_each_batch(cache, monkeypatch, replicas):
+    """share=(offset, rows): R replicas' slices of each training batch, put side by side, are the
+    one-process batch bitwise (same images, same augmentation), and each replica reads only its rows
+    (counted at PackedDataset.get_batch), on the worker path and on the raw (device input) path."""
+    from splitnet.data import DeviceBatches
+    batch, cfg = 6, DataConfig(workers=0)
+    kw = dict(seed=3, epoch=1, train=True, cfg=cfg, start_batch=1)
+    full = _all(make_loader(cache, "train", batch, **kw))
+    read = []
+    real = PackedDataset.get_batch
+    monkeypatch.setattr(PackedDataset, "get_batch", lambda self, idx, shared=False: (read.append(len(idx)),
+                                                                                     real(self, idx, shared))[1])
+    rows = batch // replicas
+    for raw in (False, True):
+        parts = []
+        for r in range(replicas):
+            read.clear()
+            loader = make_loader(cache, "train", batch, share=(r * rows, rows), raw=raw, **kw)
+            parts.append(_all(DeviceBatches(loader, "cpu", cfg=cfg, train=True) if raw else loader))
+            assert read == [rows] * len(full)  # batch / R images read (and augmented) per batch
+        glued = [(torch.cat([p[k][0] for p in parts]), torch.cat([p[k][1] for p in parts])) for k in range(len(full))]
+        assert _same(glued, full)
+
+
+def test_evaluation_shards_cover_the_validation_set(cache):
+    """rows=(lo, hi): contiguous shards of the validation images, in cache order, that add up to the
+    whole set (runtime.DistRuntime.eval_rows shards one per replica)."""
+    ds = PackedDataset(cache, "train")  # 21 images: shards 7 / 7 / 7 and 10 / 11
+    full = torch.cat([x for x, _ in make_loader(cache, "train", 4, train=False, workers=0, dataset=ds)])
+    for cuts in ((0, 7, 14, 21), (0, 10, 21)):
+        got = [torch.cat([x for x, _ in make_loader(cache, "train", 4, train=False, workers=0, dataset=ds,
+                                                     rows=(lo, hi))]) for lo, hi in zip(cuts, cuts[1:])]
+        assert torch.equal(torch.cat(got), full)
+    with pytest.raises(ValueError, match="evaluation only"):
+        make_loader(cache, "train", 4, train=True, rows=(0, 4))
+    with pytest.raises(ValueError, match="rows outside a batch"):
+        make_loader(cache, "train", 4, share=(3, 2))

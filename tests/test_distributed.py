@@ -75,6 +75,13 @@ def test_ranks_compute_the_single_process_function(tmp_path, ranks):
         got = grouped_from_columns(m.layout, cols)
         for k, v in ref.items():
             assert rel(got[k], v) < 1e-5, (replica, k)
+    # The bytes each rank sent (counted at the collectives: all-gather / reduce-scatter where both
+    # columns read, gather / scatter for fc8, bucketed gradient all-reduces) are the layout's count.
+    for r in res:
+        sent = {"exchange": r["sent"]["exchange"], "gradients": r["sent"].get("gradients", 0)}
+        assert sent == pytest.approx(r["expected"], rel=1e-9), r["rank"]
+        assert sent["exchange"] > 0 and (sent["gradients"] > 0) == (ranks == 4)
+        assert r["buckets"] > 3 if ranks == 4 else r["buckets"] == 0  # 4 MB buckets: several launched
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +106,15 @@ def test_torchrun_training_equals_one_process(dcache, single_run, tmp_path, rank
     assert len(a) == len(b) == 3
     assert all(abs(u - v) <= 1e-5 * abs(v) for u, v in zip(a, b)), (a, b)
     assert len(list(out.glob("metrics*.jsonl"))) == 1
+    # The checkpoint loads in one process and evaluates exactly as the ranks did: with 4 ranks each
+    # of the 2 replicas evaluated half of the validation set and the miss counts were summed.
+    ck = ckpt.load(out / "checkpoint.pt")
+    model, cfg, _ = ckpt.model_from_checkpoint(ck, devices="cpu")
+    from splitnet.data import PackedDataset
+    errs = evaluate_split(model, dcache, PackedDataset(dcache, "val"), cfg)
+    logged = [m for m in read_metrics(out) if m["kind"] == "eval"][-1]
+    assert (errs["val_top1_err"], errs["val_top5_err"]) == (logged["val_top1_err"], logged["val_top5_err"])
     if ranks == 2:
-        # The checkpoint of a 2-rank run loads in one process and evaluates the same.
-        ck = ckpt.load(out / "checkpoint.pt")
-        model, cfg, _ = ckpt.model_from_checkpoint(ck, devices="cpu")
-        from splitnet.data import PackedDataset
-        errs = evaluate_split(model, dcache, PackedDataset(dcache, "val"), cfg)
-        logged = [m for m in read_metrics(out) if m["kind"] == "eval"][-1]
-        assert errs["val_top1_err"] == pytest.approx(logged["val_top1_err"], abs=1e-9)
         # Same weights as the one-process run, up to float summation order (biases initialised at 0,
         # conv1/conv3/fc8, are after 3 steps 1e-6-sized sums of updates and compare only to ~1e-3).
         single = ckpt.load(single_run / "checkpoint.pt")
@@ -124,16 +132,18 @@ def test_single_process_checkpoint_resumes_under_torchrun(dcache, single_run, tm
     assert len(losses) == 4 and losses[:3] == _losses(single_run)
 
 
-def _two_ranks(dcache, out, timeout_s):
+def _two_ranks(dcache, out, timeout_s, main=("-m", "splitnet"), **env_extra):
     port = _port()
     procs = []
     for rank in range(2):
         env = dict(ENV, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-        cmd = [sys.executable, "-m", "splitnet", "train", "--config", str(CIFAR), "--out", str(out)]
+                   MASTER_PORT=str(port), **env_extra)
+        cmd = [sys.executable, *main, "train", "--config", str(CIFAR), "--out", str(out)]
         for s in _sets(dcache, "max_steps=100000", "epochs=100000", "log_every=1", f"dist_timeout_s={timeout_s}"):
             cmd += ["--set", s]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    if "FAULT" in env_extra:
+        return procs
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and _losses(out)):
         time.sleep(0.2)
@@ -165,3 +175,43 @@ def test_a_killed_rank_ends_the_run_with_an_error(dcache, tmp_path):
     assert procs[0].returncode not in (0, None)
     assert time.time() - t0 < 60
     assert "rank 0" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_columns_of_unequal_width_are_refused_at_build_naming_the_layer():
+    """all-gather / reduce-scatter exchange equal slices: a layout whose columns feed a crossing layer
+    maps of different widths is refused before any collective runs; every built-in layout passes."""
+    from splitnet.model.layout import get_layout, layouts, make_layout, with_rows
+    from splitnet.train.distributed import DistributedError, check_equal_slices
+    for name in layouts():
+        check_equal_slices(get_layout(name, 10, geometry="cifar"))
+        check_equal_slices(get_layout(name))
+    lopsided = make_layout("lopsided", 2, widths={"conv2": (160, 96)}, num_classes=10)
+    with pytest.raises(DistributedError, match=r"layer conv3 of layout 'lopsided'.*column 0: \(160, 13, 13\)"):
+        check_equal_slices(lopsided)
+    lrn = with_rows(make_layout("lrn-lopsided", 2, widths={"conv1": (64, 32)}, num_classes=10),
+                    conv1={"lrn_cross": True})
+    with pytest.raises(DistributedError, match="layer conv1"):
+        check_equal_slices(lrn)
+
+
+@pytest.mark.parametrize("fault", ["oom", "shape"])
+def test_a_ranks_own_error_is_reported_as_that(dcache, tmp_path, fault):
+    """Rank 1 runs out of memory (or hits a shape bug) at its second step: rank 1 shows that error with
+    its traceback; rank 0, stranded in a collective, names rank 1 and its error, not "died or hung",
+    and stops at once rather than after the timeout."""
+    procs = _two_ranks(dcache, tmp_path / "run", timeout_s=100, main=(str(ROOT / "tests" / "fault_worker.py"),),
+                       FAULT_RANK="1", FAULT=fault)
+    t0 = time.time()
+    try:
+        outs = [p.communicate(timeout=150) for p in procs]
+        assert time.time() - t0 < 60  # not dist_timeout_s (100 s): rank 1's exit closes the connections
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    (_, err0), (_, err1) = outs
+    assert procs[0].returncode == 2 and procs[1].returncode not in (0, None)
+    what = "OutOfMemoryError: CUDA out of memory" if fault == "oom" else "shapes cannot be multiplied"
+    assert "Traceback" in err1 and what in err1 and "rank 1 (replica 0, column 1) failed here" in err1, err1[-3000:]
+    assert "Traceback" not in err0 and "rank 1 failed first" in err0 and what.split(":")[-1].strip() in err0, err0[-3000:]
+    assert "died or hung" not in err0

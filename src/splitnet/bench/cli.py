@@ -73,6 +73,9 @@ from .data import data_path, input_path
 from .dist import distributed_vs_single
 from .model import column_overlap, compare
 
+# The GPU modes timed unless --precisions says otherwise; fp16 / fp16_cl (for GPUs without bf16) on request.
+DEFAULT_PRECISIONS = ("fp32", "tf32", "bf16", "bf16_cl")
+
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="speed of the split model vs the single-device grouped network")
@@ -86,7 +89,7 @@ def register(sub) -> None:
                    help="cpu, cuda (both columns on cuda:0), cuda2 (cuda:0 + cuda:1); default: what exists")
     p.add_argument("--no-data", action="store_true", help="skip the data path measurement")
     p.add_argument("--precisions", nargs="*", default=None, choices=list(PRECISIONS),
-                   help="GPU numeric modes to time (default: all)")
+                   help="GPU numeric modes to time (default: fp32 tf32 bf16 bf16_cl)")
     p.add_argument("--no-overlap", action="store_true", help="skip the profiler's overlap measurement")
     p.add_argument("--traces", default=None, help="keep the profiler's Chrome traces in this folder")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
@@ -264,7 +267,7 @@ def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True, p
         if place == "cpu":
             res["cpu"] = compare(layout, "cpu", batch, reps, compile_backend=compile_backend)
         elif place == "cuda":
-            for mode in precisions or tuple(PRECISIONS):
+            for mode in precisions or DEFAULT_PRECISIONS:
                 res["cuda" if mode == "fp32" else f"cuda_{mode}"] = compare(layout, "cuda:0", batch, reps, mode=mode,
                                                                            compile_backend=compile_backend)
         else:
@@ -310,6 +313,15 @@ def _main(args) -> int:
         print(f"\n[distributed] batch {d['batch']}: 2 gloo ranks {d['ranks2_step_s']:.3f} s/step vs one process "
               f"{d['single_step_s']:.3f} s/step (ratio {d['ratio_ranks2_over_single']:.2f}); exchange time share: "
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in d["exchange_share"].items()))
+        r = d["ranks4_reduce"]
+        q = r["ratio_overlap_over_flat"]
+        print(f"[distributed] 4 gloo ranks (2 replicas x 2 columns): gradient all-reduce overlapped with backward "
+              f"({r['buckets']} buckets) {r['overlap_step_s']:.3f} s/step vs one flat all-reduce after backward "
+              f"{r['flat_step_s']:.3f} s/step: ratio {q['median']:.3f} (interleaved pairs {q['min']:.3f}..{q['max']:.3f})")
+        for s_ in d["ranks4_sent"]:
+            print(f"[distributed] rank {s_['rank']} (replica {s_['replica']}, column {s_['column']}) sends per step: "
+                  + ", ".join(f"{k} {s_['sent'].get(k, 0) / 1e6:.3f} MB (layout: {v / 1e6:.3f} MB)"
+                              for k, v in s_["expected"].items()))
     res["goals"] = goals(res)
     _print(res)
     if args.out:

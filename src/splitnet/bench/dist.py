@@ -1,20 +1,28 @@
-"""Training step time under torchrun (one column per rank) against one process, and the time share of
-the exchanges per layer.
+"""Training step time under torchrun (one column per rank) against one process; the exchanges' time
+share per layer; the gradient reduction overlapped with backward against one flat all-reduce; and the
+bytes each rank sends.
 
     python -m splitnet.bench.dist --out A.json                               # one process (baseline)
-    torchrun --nproc-per-node=2 -m splitnet.bench.dist --out B.json          # 2 gloo ranks / NCCL GPUs
+    torchrun --nproc-per-node=2 -m splitnet.bench.dist --out B.json          # 1 replica x 2 columns
+    torchrun --nproc-per-node=4 -m splitnet.bench.dist --out C.json          # 2 replicas x 2 columns
 
-Each run times `--steps` training steps (after one warm-up) of the paper layout at `--batch` on random
-data: the step training takes (timing.train_step through train/runtime.py: PaperSGD, the run's dropout
-masks, gradient averaging over replicas, the per-step agreement on the loss; one process: the
-concurrency strategy training would pick). Under torchrun it also times, on every rank, the
-collectives of each crossing layer (forward all-gather and backward all-reduce; under NCCL with the
-device synchronised before and after, as its collectives return before they run: those
-synchronisations, which a training step does not make, are inside step_s), and rank 0 writes the JSON:
-  step_s                      median training step time
+Each run times `--steps` training steps (after one warm-up) of the paper layout at `--batch` (the global
+batch) on random data: the step training takes (timing.train_step through train/runtime.py: PaperSGD,
+the run's dropout masks, gradient averaging over replicas, the per-step agreement on the loss; one
+process: the concurrency strategy training would pick). Under torchrun it also times, on every rank,
+the collectives of each crossing layer (under NCCL with the device synchronised before and after, as
+its collectives return before they run: those synchronisations, which a training step does not make,
+are inside step_s). With replicas, steps alternate between the two gradient reductions of
+train/grad_sync.py on the same model (FlatReduce, BucketReduce): interleaved, so drifts of a shared
+machine fall on both. rank 0 writes the JSON:
+  step_s                      median training step time (with replicas: of the overlapped steps)
   exchange_s_per_step[layer]  seconds per step spent in that layer's collectives (rank 0)
   exchange_share[layer]       that, as a share of the step
-`splitnet bench --distributed` runs both (distributed_vs_single, below) and prints the ratio.
+  reduce                      with replicas: flat_step_s, overlap_step_s (medians), the ratio
+                              overlap / flat per interleaved pair (median, min, max)
+  sent                        per rank: bytes sent in one step, counted at the collectives
+                              (distributed.traffic), and the layout's count (expected_traffic)
+`splitnet bench --distributed` runs all three (distributed_vs_single, below) and prints the ratios.
 """
 from __future__ import annotations
 
@@ -35,34 +43,39 @@ import torch.distributed as dist
 from ..train import distributed as D
 from ..train.config import TrainConfig
 from ..train.distributed import world_from_env
+from ..train.grad_sync import FlatReduce
 from ..train.memory import keep_freed_memory
 from ..train.runtime import DistRuntime, LocalRuntime
-from .timing import paper_optimizer, timed, train_step, training_strategy
+from .timing import paper_optimizer, spread, timed, train_step, training_strategy
 
 
 def distributed_vs_single(batch: int = 32, steps: int = 4) -> dict:
-    """Run this module in one process and under torchrun with 2 ranks (gloo on the CPU, NCCL where
-    GPUs are present; the one process then runs on the GPUs too, as training would place it)."""
+    """Run this module in one process, under torchrun with 2 ranks and with 4 ranks (2 replicas x 2
+    columns; gloo on the CPU, NCCL where GPUs are present; the one process then runs on the GPUs too,
+    as training would place it)."""
     tmp = Path(tempfile.mkdtemp(prefix="splitnet-bdist-"))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
     common = ["--batch", str(batch), "--steps", str(steps)]
     subprocess.run([sys.executable, "-m", "splitnet.bench.dist", "--out", str(tmp / "one.json"), *common],
                    env=env, check=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                    f"--master-port={port}", "-m", "splitnet.bench.dist", "--out", str(tmp / "two.json"), *common],
-                   env=env, check=True)
-    one = json.loads((tmp / "one.json").read_text())
-    two = json.loads((tmp / "two.json").read_text())
+    runs = {}
+    for ranks in (2, 4):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+                        "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "splitnet.bench.dist",
+                        "--out", str(tmp / f"ranks{ranks}.json"), *common], env=env, check=True)
+        runs[ranks] = json.loads((tmp / f"ranks{ranks}.json").read_text())
+    one, two, four = json.loads((tmp / "one.json").read_text()), runs[2], runs[4]
     return {"batch": batch, "single_step_s": one["step_s"], "single_threads": one["threads"],
             "single_strategy": one["strategy"],
             "ranks2_step_s": two["step_s"], "ranks2_threads_per_rank": two["threads"],
             "ratio_ranks2_over_single": two["step_s"] / one["step_s"],
             "exchange_s_per_step": two.get("exchange_s_per_step", {}),
-            "exchange_share": two.get("exchange_share", {})}
+            "exchange_share": two.get("exchange_share", {}),
+            "ranks4_reduce": four["reduce"], "ranks4_sent": four["sent"], "ranks2_sent": two["sent"]}
 
 
 def _collective_clock(group) -> float:
@@ -75,12 +88,18 @@ def _collective_clock(group) -> float:
 
 
 def _timed_gather(layer_times):
-    """Wrap distributed._GatherColumns so each call's collective time is added to layer_times[layer]."""
-    orig_fwd, orig_bwd = D._GatherColumns.forward, D._GatherColumns.backward
+    """Wrap the exchange's autograd functions (distributed._GatherColumns, _GatherToReader) so each
+    call's collective time is added to layer_times[layer]."""
+    for fn in (D._GatherColumns, D._GatherToReader):
+        _time_function(fn, layer_times)
 
-    def fwd(ctx, x, group, columns, index):
+
+def _time_function(fn, layer_times) -> None:
+    orig_fwd, orig_bwd = fn.forward, fn.backward
+
+    def fwd(ctx, x, group, *args):
         t0 = _collective_clock(group)
-        out = orig_fwd(ctx, x, group, columns, index)
+        out = orig_fwd(ctx, x, group, *args)
         ctx._t_layer = D._current_layer[0]
         layer_times[ctx._t_layer] = layer_times.get(ctx._t_layer, 0.0) + _collective_clock(group) - t0
         return out
@@ -91,8 +110,8 @@ def _timed_gather(layer_times):
         layer_times[ctx._t_layer] = layer_times.get(ctx._t_layer, 0.0) + _collective_clock(ctx.group) - t0
         return out
 
-    D._GatherColumns.forward = staticmethod(fwd)
-    D._GatherColumns.backward = staticmethod(bwd)
+    fn.forward = staticmethod(fwd)
+    fn.backward = staticmethod(bwd)
 
 
 def main(argv=None) -> int:
@@ -117,29 +136,63 @@ def main(argv=None) -> int:
     model.train()
     opt = paper_optimizer(model, cfg.optim)
     # This rank's rows of the global batch (data parallel replicas), as training shares them.
-    x, y, offset = rt.share(torch.randn(args.batch, 3, model.input_side, model.input_side) * 60,
-                            torch.randint(0, 1000, (args.batch,)))
-    x = x.to(model.devices[model.local[0]])
-    y = y.to(model.devices[model.layout.head])
+    offset, rows = rt.share(args.batch)
+    x = (torch.randn(rows, 3, model.input_side, model.input_side) * 60).to(model.devices[model.local[0]])
+    y = torch.randint(0, 1000, (rows,)).to(model.devices[model.layout.head])
     sync = sorted(set(model.devices), key=str)
-    times = []
-    for step in range(args.steps + 1):
+    reducers = _reducers(rt, model)  # {"overlap": ..., "flat": ...} with replicas, else {"none": None}
+    times = {name: [] for name in reducers}
+    sent = None
+    for step in range(args.steps * len(reducers) + 1):
+        name = list(reducers)[step % len(reducers)]  # interleaved: overlap, flat, overlap, ...
+        _use(rt, reducers, name)
         if step == 1:
             layer_times.clear()
+        D.traffic.clear()
         t = timed(lambda: train_step(model, opt, x, y, step=step, rt=rt, full_batch=args.batch, offset=offset),
                   sync)
         if step:
-            times.append(t)
-    step_s = statistics.median(times)
+            times[name].append(t)
+        if step and name != "flat" and sent is None:
+            sent = dict(D.traffic)
+    first = list(reducers)[0]
+    step_s = statistics.median(times[first])
     res = {"world": world, "batch": args.batch, "steps": args.steps, "step_s": step_s,
            "threads": torch.get_num_threads(), "device": str(x.device), "strategy": model.strategy}
     if layer_times:
-        res["exchange_s_per_step"] = {k: v / args.steps for k, v in layer_times.items()}
-        res["exchange_share"] = {k: v / args.steps / step_s for k, v in layer_times.items()}
+        n = len(times[first]) * len(reducers)
+        res["exchange_s_per_step"] = {k: v / n for k, v in layer_times.items()}
+        res["exchange_share"] = {k: v / n / step_s for k, v in layer_times.items()}
+    if "flat" in times:
+        pairs = [o / f for o, f in zip(times["overlap"], times["flat"])]
+        res["reduce"] = {"flat_step_s": statistics.median(times["flat"]), "overlap_step_s": step_s,
+                         "ratio_overlap_over_flat": spread(pairs), "buckets": len(reducers["overlap"].buckets)}
+    if mesh is not None:
+        mine = {"rank": mesh.rank, "column": mesh.column, "replica": mesh.replica, "sent": sent,
+                "expected": D.expected_traffic(model.layout, mesh.replicas, mesh.column, rows)}
+        got = [None] * mesh.world
+        dist.all_gather_object(got, mine)
+        res["sent"] = got
     if mesh is None or mesh.rank == 0:
         Path(args.out).write_text(json.dumps(res, indent=2))
     rt.close()
     return 0
+
+
+def _reducers(rt, model) -> dict:
+    """The gradient reductions to compare: training's BucketReduce (overlapped) and FlatReduce, on the
+    same model and data group; {"none": None} without replicas."""
+    if getattr(rt, "reducer", None) is None:
+        return {"none": None}
+    m = rt.mesh
+    return {"overlap": rt.reducer, "flat": FlatReduce(model.parameters(), m.data_group, m.replicas, D.count_sent)}
+
+
+def _use(rt, reducers: dict, name: str) -> None:
+    if name == "none":
+        return
+    reducers["overlap"].enabled = name == "overlap"  # its hooks launch nothing during a flat step
+    rt.reducer = reducers[name]
 
 
 if __name__ == "__main__":

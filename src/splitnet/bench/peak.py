@@ -102,8 +102,9 @@ def read_cpu_nominal_peak() -> dict | None:
 
 # ---- GPU: the datasheet ---------------------------------------------------------------------
 # Dense (no structured sparsity) TFLOP/s per GPU by name fragment, first match wins:
-# (fp32 without tensor cores, tf32 tensor cores, bf16 tensor cores). NVIDIA datasheets halve the
-# sparse figures they headline (H100 SXM: tf32 989 -> 494.7, bf16 1979 -> 989.4).
+# (fp32 without tensor cores, tf32 tensor cores, bf16 tensor cores; fp16 tensor cores have the bf16
+# figure on these cards). NVIDIA datasheets halve the sparse figures they headline (H100 SXM: tf32
+# 989 -> 494.7, bf16 1979 -> 989.4).
 GPU_DATASHEET = (
     (("H200",), (67.0, 494.7, 989.4)),
     (("H100", "PCIe"), (51.0, 378.0, 756.5)),
@@ -111,7 +112,7 @@ GPU_DATASHEET = (
     (("H100",), (67.0, 494.7, 989.4)),  # SXM5
     (("A100",), (19.5, 156.0, 312.0)),
 )
-_COLUMN = {"fp32": 0, "tf32": 1, "bf16": 2, "bf16_cl": 2}
+_COLUMN = {"fp32": 0, "tf32": 1, "bf16": 2, "bf16_cl": 2, "fp16": 2, "fp16_cl": 2}
 
 
 def gpu_nominal_peak(names, mode: str) -> dict:

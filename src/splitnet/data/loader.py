@@ -4,6 +4,8 @@ make_loader's unit of work is a batch, not an image: DataLoader worker w builds 
 epoch's permutation (seeded by (seed, epoch)) and each sample's augmentation (seeded by
 (seed, epoch, position), pipeline.py). Batch k is therefore the same tensor whoever builds it, and
 starting at batch k (a resumed run) yields exactly the batches k, k+1, ... an uninterrupted run sees.
+For the same reason a data-parallel replica can build only its rows of batch k (`share`): they are the
+rows of the whole batch, augmented alike, without the rest being read or augmented.
 """
 from __future__ import annotations
 
@@ -99,10 +101,10 @@ class _Batches(Dataset):
     """Item k = the finished batch k of one epoch (the DataLoader sees whole batches)."""
 
     def __init__(self, ds: PackedDataset, order: torch.Tensor, batch_size: int, n_batches: int, seed: int,
-                 epoch: int, train: bool, ten: bool, cfg: DataConfig, raw: bool = False):
+                 epoch: int, train: bool, ten: bool, cfg: DataConfig, raw: bool = False, share=None):
         self.ds, self.order, self.batch_size, self.n_batches = ds, order, batch_size, n_batches
         self.seed, self.epoch, self.train, self.ten, self.cfg = seed, epoch, train, ten, cfg
-        self.raw = raw
+        self.raw, self.share = raw, share
 
     def __len__(self) -> int:
         return self.n_batches
@@ -110,6 +112,9 @@ class _Batches(Dataset):
     def __getitem__(self, k: int):
         lo = k * self.batch_size
         hi = min(lo + self.batch_size, len(self.order))
+        if self.share is not None:  # only rows [offset, offset + rows) of the batch (one replica's)
+            offset, rows = self.share
+            lo, hi = lo + offset, min(lo + offset + rows, hi)
         images, labels = self.ds.get_batch(self.order[lo:hi].numpy(), shared=self.raw)
         mean = self.ds.mean
         if self.raw:  # the device input path augments on the model's device (device_input.py)
@@ -147,7 +152,8 @@ class BatchLoader:
 def make_loader(cache_dir, split: str, batch_size: int, seed: int = 0, epoch: int = 0, train: bool = True,
                 workers: int | None = None, start_batch: int = 0, cfg: DataConfig | None = None,
                 ten_patches: bool = False, drop_last: bool | None = None, pin_memory: bool = False,
-                dataset: PackedDataset | None = None, raw: bool = False) -> BatchLoader:
+                dataset: PackedDataset | None = None, raw: bool = False, share: tuple | None = None,
+                rows: tuple | None = None) -> BatchLoader:
     """Batches of split `split` of the cache (§4.1).
 
     train=True: shuffled by (seed, epoch), augmented per cfg -> float32 [B, 3, 224, 224].
@@ -158,6 +164,9 @@ def make_loader(cache_dir, split: str, batch_size: int, seed: int = 0, epoch: in
     inside the epoch. dataset: an already opened PackedDataset of that split, to save re-reading.
     raw=True: the batches as cached, not yet augmented: (uint8 [B, 3, S, S], labels, AugmentParams)
     when training, (uint8, labels) otherwise; device_input.DeviceBatches finishes them on a GPU.
+    share=(offset, n): of each batch, build only rows offset..offset+n-1 (a data-parallel replica's
+    slice; the epoch's batches and augmentations are the whole batch's). rows=(lo, hi): evaluation
+    only, the images lo..hi-1 in cache order (one replica's shard of the validation set).
     """
     cfg = cfg or DataConfig()
     ds = dataset if dataset is not None else PackedDataset(cache_dir, split)
@@ -165,11 +174,15 @@ def make_loader(cache_dir, split: str, batch_size: int, seed: int = 0, epoch: in
         raise ValueError(f"crop_size {cfg.crop_size} is larger than the cache's images ({ds.image_size})")
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-    n = len(ds)
+    if share is not None and not (0 <= share[0] and share[1] >= 1 and share[0] + share[1] <= batch_size):
+        raise ValueError(f"share {share}: rows outside a batch of {batch_size}")
+    if rows is not None and train:
+        raise ValueError("rows: evaluation only (a training replica takes a share of every batch)")
+    n = len(ds) if rows is None else rows[1] - rows[0]
     drop_last = train if drop_last is None else drop_last
     n_batches = n // batch_size if drop_last else -(-n // batch_size)
     if not 0 <= start_batch <= n_batches:
         raise ValueError(f"start_batch {start_batch} outside 0..{n_batches} (batches in this epoch)")
-    order = epoch_order(n, seed, epoch) if train else torch.arange(n)
-    batches = _Batches(ds, order, batch_size, n_batches, seed, epoch, train, ten_patches, cfg, raw)
+    order = epoch_order(n, seed, epoch) if train else torch.arange(n) + (rows[0] if rows else 0)
+    batches = _Batches(ds, order, batch_size, n_batches, seed, epoch, train, ten_patches, cfg, raw, share)
     return BatchLoader(batches, start_batch, cfg.workers if workers is None else workers, pin_memory)

@@ -6,7 +6,7 @@
     columns.py      SplitAlexNet: one Column per column of the table
     exchange.py     LocalExchange and record_exchanges (§3.2)
     concurrent.py   running the columns at the same time (threads, CUDA streams); tune.py times them
-    placement.py    devices per column; precision.py: fp32 / tf32 / bf16
+    placement.py    devices per column; precision.py: fp32 / tf32 / bf16 / fp16
     convert.py      the grouped single-device state dict; grouped.py: the grouped network itself
     cli.py          `splitnet layouts`
 

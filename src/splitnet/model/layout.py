@@ -110,6 +110,7 @@ class LayerStats:
     macs: int  # multiply-adds per image
     exchange_bytes: int  # forward bytes per image leaving their column to feed this layer
     exchanges: tuple  # (src, dst, bytes per image) for every tensor that leaves its column
+    column_params: tuple = ()  # params per column (their sum is `params`)
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,8 @@ def _analyse(layout: Layout) -> list:
                     raise LayoutError(
                         f"unused row: layer {rows[i - 1].name} of column {s} is never read "
                         f"({r.name} does not cross and column {s} has no {r.name} units)")
-        params = sum(f * w + w for f, w in zip(in_feats, r.widths) if w)
+        column_params = tuple(f * w + w if w else 0 for f, w in zip(in_feats, r.widths))
+        params = sum(column_params)
         spatial = [(sh[1] * sh[2]) if sh and len(sh) == 3 else 1 for sh in out_shapes]
         if r.lrn and r.lrn_cross:
             cols = [c for c, w in enumerate(r.widths) if w]
@@ -308,7 +310,7 @@ def _analyse(layout: Layout) -> list:
         if any(sh is not None and len(sh) == 3 and sh[1] < 1 for sh in after):
             raise LayoutError(f"layer {r.name}: pooling {r.pool} leaves no pixels")
         stats.append(LayerStats(r.name, tuple(in_widths), after, neurons, params, macs,
-                                sum(b for _, _, b in exch), tuple(exch)))
+                                sum(b for _, _, b in exch), tuple(exch), column_params))
         prev_out = list(after)
     return stats
 

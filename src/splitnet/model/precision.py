@@ -6,9 +6,15 @@
            loss in float32 (torch.autocast keeps the reductions that need it in float32).
   bf16_cl  bf16 with the conv weights and the input in channels_last (NHWC) memory format, which
            the tensor-core convolution kernels prefer.
+  fp16     TF32 plus float16 autocast, for GPUs with fp16 tensor cores but no bf16 (pre-Ampere:
+           V100, T4, GTX 10xx/RTX 20xx). float16 keeps 10 mantissa bits but only 5 exponent bits
+           (largest 65504, smallest normal 6e-5): small gradients underflow to zero, so training
+           scales the loss before backward and the gradients back after (train/scaler.py), skipping
+           the steps whose gradients overflow. Weights, SGD update and loss stay float32.
+  fp16_cl  fp16 with channels_last, as bf16_cl.
 
-On the CPU the TF32 switches do nothing; bf16 autocast runs (slowly on CPUs without bf16 units):
-the tests use it to check the bf16 path's correctness, not its speed.
+On the CPU the TF32 switches do nothing; bf16 and fp16 autocast run (slowly on CPUs without such
+units): the tests use them to check those paths' correctness, not their speed.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ PRECISIONS = {
     "tf32": (True, None, False),
     "bf16": (True, torch.bfloat16, False),
     "bf16_cl": (True, torch.bfloat16, True),
+    "fp16": (True, torch.float16, False),
+    "fp16_cl": (True, torch.float16, True),
 }
 
 
@@ -34,6 +42,12 @@ def check(mode: str) -> str:
 def autocast_dtype(mode: str):
     """The autocast dtype of `mode` (None: no autocast)."""
     return PRECISIONS[check(mode)][1]
+
+
+def needs_loss_scaling(mode: str) -> bool:
+    """Whether training in `mode` needs a loss scaler: float16's narrow exponent range loses small
+    gradients; bfloat16 has float32's range and needs none."""
+    return autocast_dtype(mode) == torch.float16
 
 
 def memory_format(mode: str) -> torch.memory_format:
@@ -54,7 +68,7 @@ def tf32(mode: str):
 
 
 def autocast(mode: str, device_type: str):
-    """torch.autocast for `mode` (disabled unless bf16): around the forward pass and the loss only;
+    """torch.autocast for `mode` (disabled unless bf16 or fp16): around the forward pass and the loss only;
     backward follows the forward's dtypes by itself."""
     dtype = autocast_dtype(mode)
     return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
@@ -67,4 +81,5 @@ def precision(mode: str, device_type: str):
         yield
 
 
-__all__ = ["PRECISIONS", "precision", "tf32", "autocast", "memory_format", "autocast_dtype", "check"]
+__all__ = ["PRECISIONS", "precision", "tf32", "autocast", "memory_format", "autocast_dtype", "needs_loss_scaling",
+           "check"]

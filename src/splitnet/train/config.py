@@ -44,6 +44,10 @@ class OptimConfig:
     # or max_steps) are spent, e.g. [0.75, 0.9]: a capped run ends at a small eps, stably, even when
     # it is too short for the schedule above to fire. () = off.
     budget_drops: tuple = ()
+    # precision "fp16"/"fp16_cl" only: the loss scaler's first scale (train/scaler.py; it then halves
+    # on each overflowing step and doubles after 2000 steps without one). A power of two keeps the
+    # unscaling exact. Not resume-safe: the scale a run has reached is in its checkpoint.
+    loss_scale_init: float = 65536.0
 
     def __post_init__(self):
         if self.schedule not in ("plateau", "milestones", "none"):
@@ -52,6 +56,8 @@ class OptimConfig:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if self.patience < 1:
             raise ConfigError(f"patience: must be >= 1, got {self.patience}")
+        if self.loss_scale_init <= 0:
+            raise ConfigError(f"loss_scale_init: must be > 0, got {self.loss_scale_init}")
         if any(not 0 < f < 1 for f in self.budget_drops) or list(self.budget_drops) != sorted(self.budget_drops):
             raise ConfigError(f"budget_drops: increasing fractions between 0 and 1, got {list(self.budget_drops)}")
 
@@ -82,9 +88,13 @@ class TrainConfig:
     # "auto" (device on a GPU, cpu otherwise). The batches are bitwise the same either way.
     input_device: str = "auto"
     # numeric mode of the forward pass (model/precision.py): "fp32" (the paper's), "tf32", "bf16" (autocast;
-    # weights, update and loss stay float32) or "bf16_cl" (bf16 + channels_last); the GPU fast path
+    # weights, update and loss stay float32) or "bf16_cl" (bf16 + channels_last); the GPU fast path.
+    # "fp16" / "fp16_cl": the same in float16 with a loss scaler (train/scaler.py), for GPUs without bf16
     precision: str = "fp32"
     dist_timeout_s: float = 300.0  # under torchrun: a collective waiting longer (a dead or hung rank) fails
+    # under torchrun with replicas: gradient all-reduce buckets of this many MB, launched while backward
+    # runs (train/grad_sync.py); 0: one all-reduce after backward. The same gradients either way.
+    dist_bucket_mb: float = 25.0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -111,7 +121,7 @@ class TrainConfig:
 RESUME_SAFE = frozenset({
     "name", "note", "epochs", "max_steps", "max_minutes", "eval_every", "eval_batch_size",
     "eval_max_batches", "eval_at_stop", "checkpoint_every", "log_every", "threads", "devices",
-    "concurrency", "input_device", "dist_timeout_s", "data.workers", "data.prepare_workers", "optim.lr"})
+    "concurrency", "input_device", "dist_timeout_s", "dist_bucket_mb", "data.workers", "data.prepare_workers", "optim.lr"})
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

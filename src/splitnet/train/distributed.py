@@ -7,19 +7,27 @@ column's parameters (SplitAlexNet(local_columns=(column,))). Two kinds of proces
 Each replica trains on its slice of the global batch, so R replicas x batch B/R compute the gradient of
 one process at batch B. gloo on the CPU, NCCL on GPUs; launched by torchrun (env:// rendezvous).
 
-The exchange is an autograd function: forward all-gathers every column's maps over the column group
-and concatenates them in column order (what LocalExchange does with copies); backward all-reduces the
-gradient of that concatenation over the group (the sum of what every reader sends back) and keeps this
-column's slice. Tensors are made contiguous before each collective (the known pitfall of gathering
-views). A rank that does not read a crossing layer (fc8 lives on the head column only) still takes
-part in the collectives, and backpropagates a zero through its unused copy so that the backward
-collectives line up on every rank.
+The exchange is an autograd function. Where every column reads a crossing layer (conv3, fc6, fc7 in
+the paper), forward all-gathers every column's maps over the column group and concatenates them in
+column order (what LocalExchange does with copies), and backward reduce-scatters the gradient of that
+concatenation: each rank receives only its own slice, summed over every reader (an all-reduce of the
+whole concatenation would send twice the bytes and throw away all but a slice). Where one column reads
+(fc8 lives on the head column only), forward gathers to that rank and backward scatters the slices
+back, so no rank receives maps it does not read. Either way each rank sends exactly the exchanges of
+the layout's table (its forward maps, and the gradients of what it read), which `expected_traffic`
+counts from the table and `traffic` from the collectives (bench/dist.py reports both). The collectives
+need equal slices: a layout whose columns feed a crossing layer unequal widths is refused when the
+model is built, naming the layer. Tensors are made contiguous before each collective (the known
+pitfall of gathering views). A rank that does not read a crossing layer still takes part in its
+collectives, and backpropagates a zero through its placeholder so that the backward collectives line
+up on every rank.
 """
 from __future__ import annotations
 
 import datetime
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +41,11 @@ from ..model.exchange import ExchangeEvent, _record
 log = logging.getLogger("splitnet")
 
 _current_layer = [None]  # the crossing layer being exchanged (bench/dist.py times collectives per layer)
+traffic: dict = {}  # bytes this rank sent, by kind ("exchange", "gradients"); reset by whoever reads it
+
+
+def count_sent(kind: str, nbytes: float) -> None:
+    traffic[kind] = traffic.get(kind, 0) + nbytes
 
 
 class DistributedError(RuntimeError):
@@ -103,22 +116,58 @@ def init_mesh(columns: int, timeout_s: float = 300.0, backend: str | None = None
 
 
 class _GatherColumns(torch.autograd.Function):
-    """Forward: all-gather x over the column group, concatenate along dim 1 in column order.
-    Backward: all-reduce the gradient over the group, return this column's slice."""
+    """Every column reads. Forward: all-gather x [B, w, ...] over the column group, concatenated along
+    dim 1 in column order -> [B, C w, ...]. Backward: reduce-scatter the gradient [B, C w, ...] -> this
+    column's slice [B, w, ...], summed over the readers."""
 
     @staticmethod
     def forward(ctx, x, group, columns, index):
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(columns)]
         dist.all_gather(parts, x, group=group)
-        ctx.group, ctx.index, ctx.width = group, index, x.shape[1]
+        count_sent("exchange", (columns - 1) * _nbytes(x))
+        ctx.group, ctx.columns = group, columns
         return torch.cat(parts, 1)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad.narrow(1, ctx.index * ctx.width, ctx.width).contiguous(), None, None, None
+        slices = [g.contiguous() for g in grad.chunk(ctx.columns, dim=1)]
+        mine = torch.empty_like(slices[0])
+        dist.reduce_scatter(mine, slices, group=ctx.group)
+        count_sent("exchange", (ctx.columns - 1) * _nbytes(mine))
+        return mine, None, None, None
+
+
+class _GatherToReader(torch.autograd.Function):
+    """One column (global rank `reader`) reads. Forward: gather x [B, w, ...] there -> [B, C w, ...]
+    (elsewhere an empty placeholder). Backward: the reader scatters the gradient's slices back."""
+
+    @staticmethod
+    def forward(ctx, x, group, columns, reader):
+        x = x.contiguous()
+        ctx.group, ctx.columns, ctx.reader, ctx.like = group, columns, reader, x
+        if dist.get_rank() == reader:
+            parts = [torch.empty_like(x) for _ in range(columns)]
+            dist.gather(x, parts, dst=reader, group=group)
+            return torch.cat(parts, 1)
+        dist.gather(x, None, dst=reader, group=group)
+        count_sent("exchange", _nbytes(x))
+        return x.new_zeros(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mine = torch.empty_like(ctx.like)
+        if dist.get_rank() == ctx.reader:
+            slices = [g.contiguous() for g in grad.chunk(ctx.columns, dim=1)]
+            dist.scatter(mine, slices, src=ctx.reader, group=ctx.group)
+            count_sent("exchange", (ctx.columns - 1) * _nbytes(mine))
+        else:
+            dist.scatter(mine, None, src=ctx.reader, group=ctx.group)
+        return mine, None, None, None
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class DistExchange:
@@ -138,7 +187,14 @@ class DistExchange:
             if d != c:
                 _record(ExchangeEvent(layer, c, d, mine.numel() * mine.element_size(), tuple(mine.shape)))
         _current_layer[0] = layer
-        full = _GatherColumns.apply(mine, self.mesh.column_group, self.mesh.columns, c)
+        m = self.mesh
+        if len(readers) == m.columns:
+            full = _GatherColumns.apply(mine, m.column_group, m.columns, c)
+        elif len(readers) == 1:
+            full = _GatherToReader.apply(mine, m.column_group, m.columns, m.replica * m.columns + readers[0])
+        else:
+            raise DistributedError(f"layer {layer}: read by columns {list(readers)} of {m.columns}; the "
+                                   f"distributed exchange supports one reader or all")
         res = [None] * len(outs)
         if c in readers:
             res[c] = full
@@ -164,8 +220,34 @@ def build_model(cfg, num_classes: int, mesh: Mesh):
     if model.layout.columns != mesh.columns:
         raise DistributedError(f"layout {model.layout.name!r} has {model.layout.columns} columns, the mesh "
                                f"{mesh.columns}")
+    check_equal_slices(model.layout)
     model.exchange = DistExchange(mesh)
     return model
+
+
+def check_equal_slices(layout) -> None:
+    """The collectives exchange equal slices: every column must feed each crossing layer (and each LRN
+    across columns) maps of one shape. A DistributedError naming the layer otherwise, at build time."""
+    stats = layout.stats()
+    for i, row in enumerate(layout.rows):
+        feeds = stats[i - 1].out_shapes if row.cross and i else ()
+        if row.lrn and row.lrn_cross:
+            feeds = [(w,) for w in row.widths]
+        if len(set(feeds)) > 1:
+            shapes = ", ".join(f"column {c}: {s}" for c, s in enumerate(feeds))
+            raise DistributedError(f"layer {row.name} of layout {layout.name!r}: the columns exchange maps of "
+                                   f"different shapes ({shapes}); the distributed exchange needs columns of "
+                                   f"equal width. Run this layout in one process (devices = [...])")
+
+
+def expected_traffic(layout, replicas: int, column: int, rows: int) -> dict:
+    """Bytes one rank of `column` sends per training step by the layout's table (fp32), with `rows`
+    images per replica: the maps it sends forward and the gradients of the maps it read sent back (the
+    table's exchanges from and to the column), and the ring all-reduce of its parameters' gradients
+    over the replicas, 2 (R - 1) / R of their bytes."""
+    per_image = sum(b for s in layout.stats() for src, dst, b in s.exchanges if column in (src, dst))
+    params = sum(s.column_params[column] for s in layout.stats())
+    return {"exchange": per_image * rows, "gradients": 2 * (replicas - 1) * 4 * params / replicas}
 
 
 def backward(model, loss):
@@ -175,23 +257,6 @@ def backward(model, loss):
         obj = loss if obj is None else loss + obj
     if obj is not None:
         obj.backward()
-
-
-def average_gradients(model, mesh: Mesh) -> None:
-    """Mean of each column's parameter gradients over the replicas of that column (one flat all-reduce)."""
-    if mesh.replicas == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=mesh.data_group)
-    flat /= mesh.replicas
-    off = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[off:off + n].view_as(g))
-        off += n
 
 
 def reduce_scalars(values, mesh: Mesh, op=dist.ReduceOp.SUM) -> list:
@@ -218,6 +283,55 @@ def gather_columns(model, optimizer, mesh: Mesh):
     if mesh.rank != 0:
         return None, None
     return [g[0] for g in got], [g[1] for g in got]
+
+
+# ---- failures: what happened, and where ---------------------------------------------------------
+_FAILED_KEY = "splitnet/failed/{}"
+# How a collective reports a peer that died or hung: gloo raises plain RuntimeErrors from its transport
+# ("Connection closed by peer", "Timed out waiting ... for recv"), NCCL DistBackendErrors.
+_COLLECTIVE_MARKS = ("gloo/transport", "Connection closed by peer", "Timed out waiting", "NCCL", "ProcessGroup")
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed because of another rank, not this rank's own error
+    (an out-of-memory error, a shape bug, a missing file)."""
+    return isinstance(e, dist.DistError) or any(m in str(e) for m in _COLLECTIVE_MARKS)
+
+
+def post_failure(mesh: Mesh, e: BaseException) -> None:
+    """Leave this rank's own error in the rendezvous store, where the ranks it strands can read it."""
+    try:
+        _store().set(_FAILED_KEY.format(mesh.rank), f"{type(e).__name__}: {_first_line(e)}")
+    except Exception:  # the store may be gone with its host; the error itself is still raised
+        pass
+
+
+def peer_failures(mesh: Mesh, wait_s: float = 2.0) -> dict:
+    """{rank: "Type: message"} of the ranks that posted their own error (post_failure). A peer's
+    connection closes as its process exits, just after it posted: wait a moment for the note."""
+    deadline = time.time() + wait_s
+    try:
+        store = _store()
+        keys = [_FAILED_KEY.format(r) for r in range(mesh.world) if r != mesh.rank]
+        while True:
+            found = {int(k.rsplit("/", 1)[1]): store.get(k).decode() for k in keys if store.check([k])}
+            if found or time.time() > deadline:
+                return found
+            time.sleep(0.1)
+    except Exception:  # the store died with the rank that hosted it
+        return {}
+
+
+def _store():
+    # The default group's rendezvous store (torchrun's agent hosts it, so it outlives a failed rank).
+    # torch has no public accessor for it.
+    from torch.distributed.distributed_c10d import _get_default_store
+    return _get_default_store()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def shutdown() -> None:

@@ -81,12 +81,16 @@ def show_progress(asked: bool | None) -> bool:
 def topk_errors(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
     """{'top1_err': ..., 'top5_err': ...}: the share of images whose label is not among the k most
     probable classes (k capped at the number of classes)."""
+    return {f"top{k}_err": n / len(labels) for k, n in topk_misses(probs, labels, ks).items()}
+
+
+def topk_misses(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
+    """{k: the number of images whose label is not among the k most probable classes}. Counts, so that
+    shards of a validation set (one per replica) add up to exactly the whole set's errors."""
     out = {}
     for k in ks:
-        kk = min(k, probs.shape[1])
-        top = probs.topk(kk, dim=1).indices
-        hit = (top == labels[:, None]).any(1)
-        out[f"top{k}_err"] = 1.0 - hit.float().mean().item()
+        top = probs.topk(min(k, probs.shape[1]), dim=1).indices
+        out[k] = int((top != labels[:, None]).all(1).sum())
     return out
 
 
@@ -108,15 +112,16 @@ def _input_on_device(cfg: TrainConfig, model) -> bool:
 
 
 def input_batches(model, cache, split: str, batch_size: int, cfg: TrainConfig, ds=None, epoch: int = 0,
-                  train: bool = False, start_batch: int = 0, ten: bool = False):
+                  train: bool = False, start_batch: int = 0, ten: bool = False, share=None, rows=None):
     """The batches of `split` for `model`: training (epoch `epoch` from batch `start_batch`) or
     evaluation (centre or ten patches), finished where the run's input_device says: by the
     workers, or on the model's first device from the uint8 cache, one batch ahead. The same batches
-    either way."""
+    either way. share / rows: a replica's rows of each batch / its images (loader.make_loader)."""
     dev = model.devices[model.local[0]]
     on_device = _input_on_device(cfg, model)
     loader = make_loader(cache, split, batch_size, cfg.seed, epoch, train=train, start_batch=start_batch,
-                         cfg=cfg.data, dataset=ds, ten_patches=ten, raw=on_device, pin_memory=dev.type == "cuda")
+                         cfg=cfg.data, dataset=ds, ten_patches=ten, raw=on_device, pin_memory=dev.type == "cuda",
+                         share=share, rows=rows)
     if on_device:
         loader = DeviceBatches(loader, dev, model.devices[model.layout.head], cfg.data, train=train,
                                ten_patches=ten)
@@ -124,16 +129,26 @@ def input_batches(model, cache, split: str, batch_size: int, cfg: TrainConfig, d
 
 
 def evaluate_split(model, cache, ds, cfg: TrainConfig, rt=None, ten: bool = False) -> dict:
-    """Centre-patch (or ten-patch) top-1/top-5 error on the validation split (every rank takes part
-    under torchrun; the head column of replica 0 reports). The patches are cut on the device where
-    the training input is (input_device): the same batches either way."""
-    loader = input_batches(model, cache, "val", cfg.eval_batch_size, cfg, ds, ten=ten)
+    """Centre-patch (or ten-patch) top-1/top-5 error on the validation split: the first
+    eval_max_batches x eval_batch_size images, or all. Under torchrun every rank takes part: each
+    replica evaluates its shard (rt.eval_rows) and the head columns' miss counts are summed
+    (rt.eval_result), which gives the one-process errors exactly. The patches are cut on the device
+    where the training input is (input_device): the same batches either way."""
+    n = min(len(ds), cfg.eval_max_batches * cfg.eval_batch_size) if cfg.eval_max_batches else len(ds)
+    rows = (0, n) if rt is None else rt.eval_rows(n)
+    loader = input_batches(model, cache, "val", cfg.eval_batch_size, cfg, ds, ten=ten, rows=rows)
     # The DataLoader draws a base seed from the global RNG: fork it, so that evaluating (or not, at a
     # stop) leaves the global RNG where it was.
-    with torch.random.fork_rng(devices=[]):
-        probs, labels = predict_probs(model, loader, cfg.eval_max_batches, cfg.precision)
-    errs = None if probs is None else {f"val_{k}": v for k, v in topk_errors(probs, labels).items()}
-    return errs if rt is None else rt.eval_result(errs)
+    if rows[0] == rows[1]:  # more replicas than images: this replica's columns have nothing to do
+        probs = labels = None
+        misses = dict.fromkeys((1, 5), 0) if model.layout.head in model.local else None
+    else:
+        with torch.random.fork_rng(devices=[]):
+            probs, labels = predict_probs(model, loader, 0, cfg.precision)
+        misses = None if probs is None else topk_misses(probs, labels)
+    if rt is not None:
+        return rt.eval_result(misses, n)
+    return {f"val_top{k}_err": m / n for k, m in misses.items()}
 
 
 # ---- command line -------------------------------------------------------------------------------

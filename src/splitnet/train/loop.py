@@ -9,7 +9,8 @@ Where a run is lives in a TrainState (state.py) that round-trips through the che
 `--resume` continues with exactly the batches, dropout masks, learning rates and losses of an
 uninterrupted run (bitwise on the CPU). Budgets (max_steps, max_minutes) are run totals. SIGINT and
 SIGTERM finish the current step, save and exit; a NaN loss stops the run, keeping the last good
-checkpoint.
+checkpoint. In fp16 a step whose gradients overflow is skipped (not applied, but counted and logged)
+and the loss scale halved (scaler.py).
 """
 from __future__ import annotations
 
@@ -27,17 +28,17 @@ import torch.nn.functional as F
 from ..config import ConfigError, replace, to_dict
 from ..data import PackedDataset, resolve_data
 from ..data.rng import derive_seed
-from ..model.precision import autocast, memory_format, tf32
+from ..model.precision import autocast, memory_format, needs_loss_scaling, tf32
 from ..model.tune import calibrate, worth_calibrating
 from . import checkpoint as ckpt
 from .config import TrainConfig, config_changes, dump_toml, load_config, resume_changes, unsafe_changes
-from .distributed import DistributedError
 from .evaluate import evaluate_split, input_batches
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
 from .progress import Progress, StopFlag
 from .rundir import (Metrics, RunDir, RunError, atomic_write_text, budget_fraction, budget_reached, git_commit,
                      read_metrics, run_done)
 from .runtime import make_runtime
+from .scaler import LossScaler
 from .state import TrainState
 
 log = logging.getLogger("splitnet")
@@ -71,6 +72,7 @@ class Run:
     metrics: Metrics | None = None  # the main process's metrics.jsonl
     bar: Progress | None = None
     stop: StopFlag = field(default_factory=StopFlag)
+    scaler: LossScaler = field(default_factory=lambda: LossScaler(enabled=False))  # fp16's loss scaler
     t0: float = field(default_factory=time.time)  # this segment's start
     elapsed0: float = 0.0  # training time of the segments before this one
 
@@ -84,6 +86,7 @@ class Run:
     def save(self) -> None:
         """checkpoint.pt: weights, velocities and the TrainState (every rank takes part)."""
         self.state.elapsed_s = self.elapsed()
+        self.state.scaler = self.scaler.state_dict()
         self._write(self.dir.checkpoint, velocities=True)
 
     def save_best(self) -> None:
@@ -124,16 +127,16 @@ def train(cfg: TrainConfig | None = None, out=None, resume: bool = False, sets=(
     try:
         run = _start(cfg, rundir, ck, changes, rt, progress and rt.is_main, not resume, overwrite)
         return _run_epochs(run)
-    except RuntimeError as e:
+    except Exception as e:
         failed = True
-        if rt.mesh is None or isinstance(e, (TrainingError, RunError)):
+        if rt.mesh is None or isinstance(e, (TrainingError, RunError)):  # the same on every rank
             raise
-        # A collective failed: a peer died (connection closed) or hung (timeout). Say so in one line.
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise DistributedError(
-            f"rank {rt.rank}: a collective failed ({msg}); another rank died or hung for more than "
-            f"dist_timeout_s={cfg.dist_timeout_s:g}s. The last complete checkpoint in {rundir.path} is "
-            f"kept: resume with splitnet train --resume {rundir.path}") from None
+        # Under torchrun: this rank's own error (raised with its traceback), or a collective that
+        # failed because another rank did (one line naming that rank and its error, if it left one).
+        err = rt.failure(e, rundir.path, cfg.dist_timeout_s)
+        if err is e:
+            raise
+        raise err from None
     finally:
         rundir.unlock()
         if not failed:
@@ -220,8 +223,10 @@ def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bo
     state = TrainState(lr=cfg.optim.lr)
     if ck is not None:
         state = _restore(ck, rundir, model, opt, sched, classes, changes)
+    scaler = LossScaler(needs_loss_scaling(cfg.precision), cfg.optim.loss_scale_init)
+    scaler.load_state_dict(state.scaler)  # a resume continues at the scale the run had reached
     run = Run(cfg, rundir, rt, model, opt, sched, cache, train_ds, val_ds, classes, state, progress=progress,
-              elapsed0=state.elapsed_s)
+              elapsed0=state.elapsed_s, scaler=scaler)
     if main:
         _write_start(run, ck, new_run, overwrite, data_desc)
     run.t0 = time.time()  # the segment's training clock starts after the checks and a GPU calibration
@@ -325,8 +330,9 @@ def train_one_epoch(run: Run) -> str | None:
     """The SGD steps of epoch run.state.epoch from batch run.state.batch on (§5). Returns why the run
     stops inside the epoch (max_steps, max_minutes, interrupted), or None at the epoch's end."""
     cfg, st = run.cfg, run.state
+    offset, rows = run.rt.share(cfg.batch_size)  # a data-parallel replica loads only its rows
     loader = input_batches(run.model, run.cache, "train", cfg.batch_size, cfg, run.train_ds, epoch=st.epoch,
-                           train=True, start_batch=st.batch)
+                           train=True, start_batch=st.batch, share=None if rows == cfg.batch_size else (offset, rows))
     # Creating the iterator draws a base seed from the global RNG: fork it, so nothing depends on
     # where in an epoch a run was resumed.
     with torch.random.fork_rng(devices=[]):
@@ -348,11 +354,12 @@ def train_one_epoch(run: Run) -> str | None:
 
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> str | None:
-    """One SGD step on batch x [B, 3, S, S], y [B]. Returns why to stop after it, if anything."""
+    """One SGD step on this process's rows x [B/R, 3, S, S], y [B/R] of the global batch (R replicas).
+    Returns why to stop after it, if anything."""
     cfg, st, model, rt = run.cfg, run.state, run.model, run.rt
     t0 = time.time()
-    global_batch = len(x)
-    x, y, offset = rt.share(x, y)
+    global_batch = cfg.batch_size
+    offset = rt.share(global_batch)[0]
     x = x.to(model.devices[model.local[0]], non_blocking=True).contiguous(memory_format=memory_format(cfg.precision))
     y = y.to(model.devices[model.layout.head], non_blocking=True)
     # Dropout masks from (seed, step): identical on every placement and after a resume.
@@ -361,23 +368,42 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> str | None:
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y) if logits is not None else None
     run.opt.zero_grad(set_to_none=True)
-    rt.backward(model, loss)
+    scaler = run.scaler  # fp16: backward the scaled loss, unscale after the replicas' average
+    rt.backward(model, scaler.scale_loss(loss))
     rt.sync_grads(model)
-    lv = loss.item() if loss is not None else None
+    overflow = scaler.unscale_and_check(model.parameters())  # this rank's gradients; agreed below
+    lv = loss.item() if loss is not None else None  # the unscaled loss
     err = (logits.argmax(1) != y).float().mean().item() if logits is not None else None
-    lv, err, signalled, elapsed = rt.agree(lv, err, run.stop.signal is not None, run.elapsed())
-    if not math.isfinite(lv):
+    lv, err, signalled, elapsed, overflow = rt.agree(lv, err, run.stop.signal is not None, run.elapsed(), overflow)
+    if not math.isfinite(lv):  # in fp16 too: an inf gradient is skipped below, a non-finite loss stops
         raise TrainingError(
             f"loss is {lv} at step {st.step + 1} (epoch {st.epoch}); stopped. The last good checkpoint "
             f"({run.dir.checkpoint}, step {_ck_step(run.dir)}) is kept. Lower optim.lr or check the data.")
-    run.opt.step()
+    scale = scaler.scale
+    scaler.update(overflow)
+    if overflow:
+        # Not applied: weights and velocities stay as they were. The step still counts (its batch is
+        # consumed, step += 1), so the batches, dropout streams and budgets of the steps after it,
+        # and a resume, stay aligned with the step count.
+        if scaler.exhausted:
+            raise TrainingError(
+                f"gradients overflow at every loss scale (down to {scale:g}) at step {st.step + 1}; stopped. "
+                f"The last good checkpoint ({run.dir.checkpoint}, step {_ck_step(run.dir)}) is kept. "
+                f"Lower optim.lr or train in fp32/bf16.")
+        if rt.is_main:
+            log.info("step %d: fp16 gradients overflow at loss scale %g; update skipped, scale -> %g",
+                     st.step + 1, scale, scaler.scale)
+    else:
+        run.opt.step()
     st.step += 1
     st.batch += 1
     dt = time.time() - t0
     # step_s: this step's compute (batch in hand to update done); time: the wall clock, whose
-    # differences also count the waits for data (bench.input_path)
+    # differences also count the waits for data (bench.input_path). fp16 records add loss_scale (the
+    # scale this step's backward used) and, on a skipped step, skipped: true.
+    fp16 = {"loss_scale": scale, **({"skipped": True} if overflow else {})} if scaler.enabled else {}
     run.log(kind="train", step=st.step, epoch=st.epoch, batch=st.batch, loss=lv, train_top1_err=err, lr=st.lr,
-            step_s=dt, images_per_s=global_batch / dt, time=time.time())
+            step_s=dt, images_per_s=global_batch / dt, time=time.time(), **fp16)
     run.bar.update(st.step, st.epoch, lv, st.lr, global_batch / dt)
     _budget_drops(run, elapsed)  # for the next step
     why = "interrupted" if signalled else budget_reached(cfg, st.step, st.epoch, elapsed, steps=False)

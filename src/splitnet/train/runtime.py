@@ -14,6 +14,7 @@ from ..model.convert import grouped_from_columns
 from . import checkpoint as ckpt
 from . import distributed as D
 from .distributed import world_from_env
+from .grad_sync import make_reducer
 
 
 class LocalRuntime:
@@ -25,9 +26,13 @@ class LocalRuntime:
         return SplitAlexNet(config=replace(cfg.model, num_classes=num_classes), devices=tuple(cfg.devices) or None,
                             concurrency=cfg.concurrency)
 
-    def share(self, x, y):
-        """This process's rows of the global batch: (x, y, offset)."""
-        return x, y, 0
+    def share(self, batch_size: int) -> tuple:
+        """(offset, rows): the rows of each global batch this process loads and trains on."""
+        return 0, batch_size
+
+    def eval_rows(self, n: int) -> tuple:
+        """(lo, hi): the validation images (of the first n) this process evaluates."""
+        return 0, n
 
     def backward(self, model, loss) -> None:
         loss.backward()
@@ -35,13 +40,15 @@ class LocalRuntime:
     def sync_grads(self, model) -> None:
         pass
 
-    def agree(self, loss: float, err: float, signalled: bool, elapsed_s: float) -> tuple:
-        """(global loss, global train error, whether a stop signal came, the run's elapsed time), the
-        same on every process: budget decisions made from them agree across ranks."""
-        return loss, err, signalled, elapsed_s
+    def agree(self, loss: float, err: float, signalled: bool, elapsed_s: float, overflow: bool = False) -> tuple:
+        """(global loss, global train error, whether a stop signal came, the run's elapsed time,
+        whether any process's gradients overflowed (fp16: train/scaler.py)), the same on every
+        process: budget and skip decisions made from them agree across ranks."""
+        return loss, err, signalled, elapsed_s, overflow
 
-    def eval_result(self, errs: dict | None) -> dict:
-        return errs
+    def eval_result(self, misses: dict, n: int) -> dict:
+        """{val_top1_err, val_top5_err} from this process's miss counts (evaluate.topk_misses) over n images."""
+        return {f"val_top{k}_err": m / n for k, m in misses.items()}
 
     def checkpoint_tensors(self, model, optimizer):
         """(grouped weights, grouped velocities) on the main process, (None, None) elsewhere."""
@@ -58,6 +65,7 @@ class LocalRuntime:
 class DistRuntime(LocalRuntime):
     def __init__(self, columns: int, timeout_s: float):
         self.D = D
+        self.reducer = None
         self.mesh = D.init_mesh(columns, timeout_s)
         self.is_main = self.mesh.is_main
         self.rank = self.mesh.rank
@@ -66,37 +74,49 @@ class DistRuntime(LocalRuntime):
         if cfg.devices:
             raise self.D.DistributedError("devices: under torchrun each rank uses its own device "
                                           "(LOCAL_RANK's GPU, or the CPU); leave devices unset")
-        return self.D.build_model(cfg, num_classes, self.mesh)
+        model = self.D.build_model(cfg, num_classes, self.mesh)
+        # Gradient hooks launch the replicas' all-reduces while backward runs (grad_sync.py).
+        self.reducer = make_reducer(model.parameters(), self.mesh.data_group, self.mesh.replicas,
+                                    cfg.dist_bucket_mb, self.D.count_sent)
+        return model
 
-    def share(self, x, y):
+    def share(self, batch_size: int) -> tuple:
+        # Each replica loads and augments only its rows: R replicas x B/R rows are one process's batch B.
         m = self.mesh
-        if len(x) % m.replicas:
-            raise self.D.DistributedError(f"batch_size {len(x)} is not divisible by the {m.replicas} replicas")
-        b = len(x) // m.replicas
-        off = m.replica * b
-        return x[off:off + b], y[off:off + b], off
+        if batch_size % m.replicas:
+            raise self.D.DistributedError(f"batch_size {batch_size} is not divisible by the {m.replicas} replicas")
+        b = batch_size // m.replicas
+        return m.replica * b, b
+
+    def eval_rows(self, n: int) -> tuple:
+        # Contiguous shards, one per replica (every column of a replica evaluates the same shard).
+        m = self.mesh
+        return n * m.replica // m.replicas, n * (m.replica + 1) // m.replicas
 
     def backward(self, model, loss) -> None:
         self.D.backward(model, loss)
 
     def sync_grads(self, model) -> None:
-        self.D.average_gradients(model, self.mesh)
+        if self.reducer is not None:
+            self.reducer.finish()
 
-    def agree(self, loss, err, signalled, elapsed_s):
+    def agree(self, loss, err, signalled, elapsed_s, overflow=False):
         # Only the head column of each replica has a loss: sum them and divide by the replicas.
-        # One collective per step also carries the stop flag and the clocks (their mean), so all
-        # ranks stop, and drop eps on a time budget, at the same step.
+        # One collective per step also carries the stop flag, the clocks (their mean) and the fp16
+        # overflow flags (each rank checks its own column's gradients), so all ranks stop, drop eps
+        # on a time budget, and skip an overflowing step, at the same step.
         m = self.mesh
-        total_loss, total_err, sig, clock = self.D.reduce_scalars(
-            [0.0 if loss is None else loss, 0.0 if err is None else err, float(signalled), float(elapsed_s)], m)
-        return total_loss / m.replicas, total_err / m.replicas, sig > 0, clock / m.world
+        total_loss, total_err, sig, clock, inf = self.D.reduce_scalars(
+            [0.0 if loss is None else loss, 0.0 if err is None else err, float(signalled), float(elapsed_s),
+             float(overflow)], m)
+        return total_loss / m.replicas, total_err / m.replicas, sig > 0, clock / m.world, inf > 0
 
-    def eval_result(self, errs):
-        # Every replica evaluates the whole validation set; replica 0's head column reports.
-        first = errs is not None and self.mesh.replica == 0
-        keys = ("val_top1_err", "val_top5_err")
-        vals = self.D.reduce_scalars([errs[k] if first else 0.0 for k in keys], self.mesh)
-        return dict(zip(keys, vals))
+    def eval_result(self, misses, n):
+        # The head column of each replica holds its shard's miss counts (other ranks None): their sum
+        # over the world is the whole set's count, exact in float64.
+        ks = (1, 5)
+        total = self.D.reduce_scalars([misses[k] if misses else 0 for k in ks], self.mesh)
+        return {f"val_top{k}_err": m / n for k, m in zip(ks, total)}
 
     def checkpoint_tensors(self, model, optimizer):
         weights, velocities = self.D.gather_columns(model, optimizer, self.mesh)
@@ -106,6 +126,25 @@ class DistRuntime(LocalRuntime):
 
     def barrier(self) -> None:
         torch.distributed.barrier()
+
+    def failure(self, e: BaseException, run_dir, timeout_s: float) -> BaseException:
+        """What this rank raises for `e`. Its own error (out of memory, a shape bug, a missing file) is
+        raised as it is, traceback and all, with a note naming the rank, and left in the store for the
+        others. A collective that failed because of another rank names that rank and its error when it
+        left one, else says a rank died or hung; both keep the last checkpoint."""
+        m, D = self.mesh, self.D
+        where = f"rank {m.rank} (replica {m.replica}, column {m.column})"
+        if not D.is_collective_failure(e):
+            D.post_failure(m, e)
+            e.add_note(f"splitnet: {where} failed here; the other ranks stop and name this rank. The last "
+                       f"complete checkpoint in {run_dir} is kept: resume with splitnet train --resume {run_dir}")
+            return e
+        peers = D.peer_failures(m)
+        cause = ("; ".join(f"rank {r} failed first: {msg} (its traceback is in rank {r}'s output)"
+                           for r, msg in sorted(peers.items())) if peers else
+                 f"another rank died or hung for more than dist_timeout_s={timeout_s:g}s")
+        return D.DistributedError(f"{where}: a collective failed ({D._first_line(e)}); {cause}. The last complete "
+                                  f"checkpoint in {run_dir} is kept: resume with splitnet train --resume {run_dir}")
 
     def close(self) -> None:
         self.D.shutdown()

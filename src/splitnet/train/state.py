@@ -19,6 +19,7 @@ class TrainState:
     last_eval: dict = field(default_factory=dict)  # the latest validation evaluation
     best: dict = field(default_factory=dict)  # the best one: val errors, epoch, step (best.pt)
     status: str = "running"  # how the last segment ended: finished, max_steps, max_minutes, interrupted
+    scaler: dict = field(default_factory=dict)  # fp16: the loss scaler's scale and growth tracker (scaler.py)
 
     def to_checkpoint(self) -> dict:
         """Checkpoint fields. step/epoch/batch/lr/schedule stay top-level keys (every checkpoint
@@ -34,4 +35,4 @@ class TrainState:
                    schedule=dict(ck.get("schedule") or {}), elapsed_s=float(st.get("elapsed_s", 0.0)),
                    budget_drops=int(st.get("budget_drops", 0)),
                    last_eval=dict(st.get("last_eval", {})), best=dict(st.get("best", {})),
-                   status=str(st.get("status", "running")))
+                   status=str(st.get("status", "running")), scaler=dict(st.get("scaler", {})))
