@@ -10,12 +10,13 @@ import torch.nn.functional as F
 
 from ..data.rng import derive_seed
 from ..model.placement import synchronize
-from ..model.precision import autocast
+from ..model.precision import autocast, needs_loss_scaling
 from ..model.tune import calibrate, worth_calibrating
 from ..train.config import OptimConfig
 from ..train.loop import STREAM_DROPOUT
 from ..train.optim import PaperSGD, param_groups
 from ..train.runtime import LocalRuntime
+from ..train.scaler import LossScaler
 
 _LOCAL = LocalRuntime()
 
@@ -41,11 +42,13 @@ def train_step(net, opt, x, y, step: int = 0, mode: str = "fp32", rt=_LOCAL, ful
         logits = net(x)
         loss = F.cross_entropy(logits.float(), y) if logits is not None else None
     opt.zero_grad(set_to_none=True)
-    rt.backward(net, loss)
+    scaler = LossScaler(needs_loss_scaling(mode))  # fp16: the loss scaling and unscaling training does
+    rt.backward(net, scaler.scale_loss(loss))
     rt.sync_grads(net)
+    overflow = scaler.unscale_and_check(net.parameters())
     lv = loss.item() if loss is not None else None
     err = (logits.argmax(1) != y).float().mean().item() if logits is not None else None
-    rt.agree(lv or 0.0, err or 0.0, False, 0.0)
+    rt.agree(lv or 0.0, err or 0.0, False, 0.0, overflow)
     opt.step()
 
 

@@ -136,13 +136,12 @@ def evaluate_split(model, cache, ds, cfg: TrainConfig, rt=None, ten: bool = Fals
     where the training input is (input_device): the same batches either way."""
     n = min(len(ds), cfg.eval_max_batches * cfg.eval_batch_size) if cfg.eval_max_batches else len(ds)
     rows = (0, n) if rt is None else rt.eval_rows(n)
-    loader = input_batches(model, cache, "val", cfg.eval_batch_size, cfg, ds, ten=ten, rows=rows)
-    # The DataLoader draws a base seed from the global RNG: fork it, so that evaluating (or not, at a
-    # stop) leaves the global RNG where it was.
     if rows[0] == rows[1]:  # more replicas than images: this replica's columns have nothing to do
-        probs = labels = None
         misses = dict.fromkeys((1, 5), 0) if model.layout.head in model.local else None
     else:
+        loader = input_batches(model, cache, "val", cfg.eval_batch_size, cfg, ds, ten=ten, rows=rows)
+        # The DataLoader draws a base seed from the global RNG: fork it, so that evaluating (or not,
+        # at a stop) leaves the global RNG where it was.
         with torch.random.fork_rng(devices=[]):
             probs, labels = predict_probs(model, loader, 0, cfg.precision)
         misses = None if probs is None else topk_misses(probs, labels)
