@@ -167,7 +167,7 @@ def _train_all(tasks: list, jobs: int, on_done) -> None:
         try:
             _run_pool(pool, queue, jobs, threads, on_done)
         except KeyboardInterrupt:
-            for proc in list(pool._processes.values()):  # the pool has no public handle on its workers
+            for proc in multiprocessing.active_children():  # the pool's workers: this process's only children
                 os.kill(proc.pid, signal.SIGINT)
             raise  # leaving the `with` waits for the runs to save
 
