@@ -165,6 +165,16 @@ def test_goal_verdicts_judge_the_spread():
     assert judge("<=", 1.05, None, None) == "not measured"
 
 
+def test_the_overlapped_reduction_goal_is_judged_from_the_distributed_section():
+    from splitnet.bench.cli import goals
+    key = "distributed.ratio_overlap_over_flat"
+    pairs = {"median": 0.95, "min": 0.88, "max": 1.15, "n": 6}
+    got = {g["key"]: g for g in goals({"distributed": {"ratio_overlap_over_flat": 0.95,
+                                                       "ratio_overlap_over_flat_spread": pairs}})}
+    assert got[key]["verdict"] == "not resolved" and got[key]["value"] == 0.95 and got[key]["rounds"] == 6
+    assert {g["key"]: g for g in goals({})}[key]["verdict"] == "not measured"
+
+
 FAKE_CPUINFO = """processor\t: 0
 physical id\t: 0
 core id\t\t: 0
