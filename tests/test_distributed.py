@@ -194,11 +194,27 @@ def test_columns_of_unequal_width_are_refused_at_build_naming_the_layer():
         check_equal_slices(lrn)
 
 
-@pytest.mark.parametrize("fault", ["oom", "shape"])
+def test_own_errors_and_collective_failures_are_told_apart():
+    """What runtime.failure decides on: a rank's own error (a shape bug, out of memory, a missing file)
+    against a collective that failed because of a peer (gloo's transport errors, torch's DistError)."""
+    from splitnet.train.distributed import is_collective_failure
+    try:
+        F.linear(torch.ones(2, 3), torch.ones(4, 5))
+    except RuntimeError as e:
+        shape_bug = e
+    own = [shape_bug, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+           FileNotFoundError("no such file: /data/val")]
+    peer = [RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1"),
+            RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv"),
+            torch.distributed.DistBackendError("NCCL error in: ..., remote process exited or there was a network error")]
+    assert not any(map(is_collective_failure, own)) and all(map(is_collective_failure, peer))
+
+
+@pytest.mark.parametrize("fault", ["oom"])  # a shape bug takes the same path (the test above)
 def test_a_ranks_own_error_is_reported_as_that(dcache, tmp_path, fault):
-    """Rank 1 runs out of memory (or hits a shape bug) at its second step: rank 1 shows that error with
-    its traceback; rank 0, stranded in a collective, names rank 1 and its error, not "died or hung",
-    and stops at once rather than after the timeout."""
+    """Rank 1 runs out of memory at its second step (tests/fault_worker.py can also inject a shape
+    bug): rank 1 shows that error with its traceback; rank 0, stranded in a collective, names rank 1
+    and its error, not "died or hung", and stops at once rather than after the timeout."""
     procs = _two_ranks(dcache, tmp_path / "run", timeout_s=100, main=(str(ROOT / "tests" / "fault_worker.py"),),
                        FAULT_RANK="1", FAULT=fault)
     t0 = time.time()

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from ..train import distributed as D
+from ..model.config import ModelConfig
 from ..train.config import TrainConfig
 from ..train.distributed import world_from_env
 from ..train.grad_sync import FlatReduce
@@ -49,14 +50,15 @@ from ..train.runtime import DistRuntime, LocalRuntime
 from .timing import paper_optimizer, spread, timed, train_step, training_strategy
 
 
-def distributed_vs_single(batch: int = 32, steps: int = 4) -> dict:
+def distributed_vs_single(batch: int = 32, steps: int = 4, geometry: str = "imagenet") -> dict:
     """Run this module in one process, under torchrun with 2 ranks and with 4 ranks (2 replicas x 2
     columns; gloo on the CPU, NCCL where GPUs are present; the one process then runs on the GPUs too,
-    as training would place it)."""
+    as training would place it). geometry: the paper's network ("imagenet") or its CIFAR-scale
+    family ("cifar": the tests' quick run of the same machinery)."""
     tmp = Path(tempfile.mkdtemp(prefix="splitnet-bdist-"))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
-    common = ["--batch", str(batch), "--steps", str(steps)]
+    common = ["--batch", str(batch), "--steps", str(steps), "--geometry", geometry]
     subprocess.run([sys.executable, "-m", "splitnet.bench.dist", "--out", str(tmp / "one.json"), *common],
                    env=env, check=True)
     runs = {}
@@ -119,13 +121,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", required=True)
+    p.add_argument("--geometry", default="imagenet", choices=("imagenet", "cifar"))
     args = p.parse_args(argv)
     keep_freed_memory()  # as `splitnet train` does, in both the single process and every rank
 
     world = world_from_env()
     torch.manual_seed(0)
     layer_times: dict = {}
-    cfg = TrainConfig()
+    cfg = TrainConfig(model=ModelConfig(geometry=args.geometry))
     rt = DistRuntime(2, timeout_s=300) if world > 1 else LocalRuntime()
     mesh = rt.mesh
     if mesh is not None:
