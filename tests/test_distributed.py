@@ -188,6 +188,9 @@ def test_columns_of_unequal_width_are_refused_at_build_naming_the_layer():
     lopsided = make_layout("lopsided", 2, widths={"conv2": (160, 96)}, num_classes=10)
     with pytest.raises(DistributedError, match=r"layer conv3 of layout 'lopsided'.*column 0: \(160, 13, 13\)"):
         check_equal_slices(lopsided)
+    # A crossing layer whose own LRN also crosses: both exchanges are checked, the input's first.
+    with pytest.raises(DistributedError, match=r"layer conv3 of layout 'lopsided'.*column 0: \(160, 13, 13\)"):
+        check_equal_slices(with_rows(lopsided, conv3={"lrn": True, "lrn_cross": True}))
     lrn = with_rows(make_layout("lrn-lopsided", 2, widths={"conv1": (64, 32)}, num_classes=10),
                     conv1={"lrn_cross": True})
     with pytest.raises(DistributedError, match="layer conv1"):

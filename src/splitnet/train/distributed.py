@@ -121,7 +121,7 @@ class _GatherColumns(torch.autograd.Function):
     column's slice [B, w, ...], summed over the readers."""
 
     @staticmethod
-    def forward(ctx, x, group, columns, index):
+    def forward(ctx, x, group, columns):
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(columns)]
         dist.all_gather(parts, x, group=group)
@@ -135,7 +135,7 @@ class _GatherColumns(torch.autograd.Function):
         mine = torch.empty_like(slices[0])
         dist.reduce_scatter(mine, slices, group=ctx.group)
         count_sent("exchange", (ctx.columns - 1) * _nbytes(mine))
-        return mine, None, None, None
+        return mine, None, None
 
 
 class _GatherToReader(torch.autograd.Function):
@@ -145,7 +145,9 @@ class _GatherToReader(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, columns, reader):
         x = x.contiguous()
-        ctx.group, ctx.columns, ctx.reader, ctx.like = group, columns, reader, x
+        # The slice's shape and type for backward: not x itself, which would keep it alive until then.
+        ctx.group, ctx.columns, ctx.reader = group, columns, reader
+        ctx.slice = (x.shape, dict(dtype=x.dtype, device=x.device))
         if dist.get_rank() == reader:
             parts = [torch.empty_like(x) for _ in range(columns)]
             dist.gather(x, parts, dst=reader, group=group)
@@ -156,7 +158,7 @@ class _GatherToReader(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        mine = torch.empty_like(ctx.like)
+        mine = torch.empty(ctx.slice[0], **ctx.slice[1])
         if dist.get_rank() == ctx.reader:
             slices = [g.contiguous() for g in grad.chunk(ctx.columns, dim=1)]
             dist.scatter(mine, slices, src=ctx.reader, group=ctx.group)
@@ -189,7 +191,7 @@ class DistExchange:
         _current_layer[0] = layer
         m = self.mesh
         if len(readers) == m.columns:
-            full = _GatherColumns.apply(mine, m.column_group, m.columns, c)
+            full = _GatherColumns.apply(mine, m.column_group, m.columns)
         elif len(readers) == 1:
             full = _GatherToReader.apply(mine, m.column_group, m.columns, m.replica * m.columns + readers[0])
         else:
@@ -230,14 +232,15 @@ def check_equal_slices(layout) -> None:
     across columns) maps of one shape. A DistributedError naming the layer otherwise, at build time."""
     stats = layout.stats()
     for i, row in enumerate(layout.rows):
-        feeds = stats[i - 1].out_shapes if row.cross and i else ()
+        exchanged = [stats[i - 1].out_shapes] if row.cross and i else []  # the maps the layer reads
         if row.lrn and row.lrn_cross:
-            feeds = [(w,) for w in row.widths]
-        if len(set(feeds)) > 1:
-            shapes = ", ".join(f"column {c}: {s}" for c, s in enumerate(feeds))
-            raise DistributedError(f"layer {row.name} of layout {layout.name!r}: the columns exchange maps of "
-                                   f"different shapes ({shapes}); the distributed exchange needs columns of "
-                                   f"equal width. Run this layout in one process (devices = [...])")
+            exchanged.append([(w,) for w in row.widths])  # its own maps, for the LRN window
+        for feeds in exchanged:
+            if len(set(feeds)) > 1:
+                shapes = ", ".join(f"column {c}: {s}" for c, s in enumerate(feeds))
+                raise DistributedError(f"layer {row.name} of layout {layout.name!r}: the columns exchange maps "
+                                       f"of different shapes ({shapes}); the distributed exchange needs columns "
+                                       f"of equal width. Run this layout in one process (devices = [...])")
 
 
 def expected_traffic(layout, replicas: int, column: int, rows: int) -> dict:
@@ -301,7 +304,7 @@ def is_collective_failure(e: BaseException) -> bool:
 def post_failure(mesh: Mesh, e: BaseException) -> None:
     """Leave this rank's own error in the rendezvous store, where the ranks it strands can read it."""
     try:
-        _store().set(_FAILED_KEY.format(mesh.rank), f"{type(e).__name__}: {_first_line(e)}")
+        _store().set(_FAILED_KEY.format(mesh.rank), f"{type(e).__name__}: {first_line(e)}")
     except Exception:  # the store may be gone with its host; the error itself is still raised
         pass
 
@@ -329,7 +332,7 @@ def _store():
     return _get_default_store()
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
 

@@ -81,7 +81,12 @@ def show_progress(asked: bool | None) -> bool:
 def topk_errors(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
     """{'top1_err': ..., 'top5_err': ...}: the share of images whose label is not among the k most
     probable classes (k capped at the number of classes)."""
-    return {f"top{k}_err": n / len(labels) for k, n in topk_misses(probs, labels, ks).items()}
+    return error_rates(topk_misses(probs, labels, ks), len(labels))
+
+
+def error_rates(misses: dict, n: int, prefix: str = "") -> dict:
+    """{prefix + 'top1_err': ..., ...}: miss counts {k: count} (topk_misses) over n images as rates."""
+    return {f"{prefix}top{k}_err": m / n for k, m in misses.items()}
 
 
 def topk_misses(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
@@ -145,9 +150,7 @@ def evaluate_split(model, cache, ds, cfg: TrainConfig, rt=None, ten: bool = Fals
         with torch.random.fork_rng(devices=[]):
             probs, labels = predict_probs(model, loader, 0, cfg.precision)
         misses = None if probs is None else topk_misses(probs, labels)
-    if rt is not None:
-        return rt.eval_result(misses, n)
-    return {f"val_top{k}_err": m / n for k, m in misses.items()}
+    return error_rates(misses, n, "val_") if rt is None else rt.eval_result(misses, n)
 
 
 # ---- command line -------------------------------------------------------------------------------

@@ -380,21 +380,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> str | None:
             f"loss is {lv} at step {st.step + 1} (epoch {st.epoch}); stopped. The last good checkpoint "
             f"({run.dir.checkpoint}, step {_ck_step(run.dir)}) is kept. Lower optim.lr or check the data.")
     scale = scaler.scale
-    scaler.update(overflow)
-    if overflow:
-        # Not applied: weights and velocities stay as they were. The step still counts (its batch is
-        # consumed, step += 1), so the batches, dropout streams and budgets of the steps after it,
-        # and a resume, stay aligned with the step count.
-        if scaler.exhausted:
-            raise TrainingError(
-                f"gradients overflow at every loss scale (down to {scale:g}) at step {st.step + 1}; stopped. "
-                f"The last good checkpoint ({run.dir.checkpoint}, step {_ck_step(run.dir)}) is kept. "
-                f"Lower optim.lr or train in fp32/bf16.")
-        if rt.is_main:
-            log.info("step %d: fp16 gradients overflow at loss scale %g; update skipped, scale -> %g",
-                     st.step + 1, scale, scaler.scale)
-    else:
-        run.opt.step()
+    _update_or_skip(run, overflow)
     st.step += 1
     st.batch += 1
     dt = time.time() - t0
@@ -410,6 +396,27 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> str | None:
     if not why and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
         run.save()
     return why
+
+
+def _update_or_skip(run: Run, overflow: bool) -> None:
+    """The PaperSGD update, unless fp16 gradients overflowed on any rank (`overflow`, agreed): then it
+    is skipped, weights and velocities stay as they were, and the loss scale backs off (scaler.py).
+    A skipped step still counts (its batch is consumed), so the batches, dropout streams and budgets
+    of the steps after it, and a resume, stay aligned with the step count."""
+    st, scaler = run.state, run.scaler
+    scale = scaler.scale
+    scaler.update(overflow)
+    if not overflow:
+        run.opt.step()
+        return
+    if scaler.exhausted:
+        raise TrainingError(
+            f"gradients overflow at every loss scale (down to {scale:g}) at step {st.step + 1}; stopped. "
+            f"The last good checkpoint ({run.dir.checkpoint}, step {_ck_step(run.dir)}) is kept. "
+            f"Lower optim.lr or train in fp32/bf16.")
+    if run.rt.is_main:
+        log.info("step %d: fp16 gradients overflow at loss scale %g; update skipped, scale -> %g",
+                 st.step + 1, scale, scaler.scale)
 
 
 def _budget_drops(run: Run, elapsed: float) -> None:

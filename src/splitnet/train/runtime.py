@@ -14,6 +14,7 @@ from ..model.convert import grouped_from_columns
 from . import checkpoint as ckpt
 from . import distributed as D
 from .distributed import world_from_env
+from .evaluate import error_rates
 from .grad_sync import make_reducer
 
 
@@ -48,7 +49,7 @@ class LocalRuntime:
 
     def eval_result(self, misses: dict, n: int) -> dict:
         """{val_top1_err, val_top5_err} from this process's miss counts (evaluate.topk_misses) over n images."""
-        return {f"val_top{k}_err": m / n for k, m in misses.items()}
+        return error_rates(misses, n, "val_")
 
     def checkpoint_tensors(self, model, optimizer):
         """(grouped weights, grouped velocities) on the main process, (None, None) elsewhere."""
@@ -116,7 +117,7 @@ class DistRuntime(LocalRuntime):
         # over the world is the whole set's count, exact in float64.
         ks = (1, 5)
         total = self.D.reduce_scalars([misses[k] if misses else 0 for k in ks], self.mesh)
-        return {f"val_top{k}_err": m / n for k, m in zip(ks, total)}
+        return error_rates(dict(zip(ks, total)), n, "val_")
 
     def checkpoint_tensors(self, model, optimizer):
         weights, velocities = self.D.gather_columns(model, optimizer, self.mesh)
@@ -143,7 +144,7 @@ class DistRuntime(LocalRuntime):
         cause = ("; ".join(f"rank {r} failed first: {msg} (its traceback is in rank {r}'s output)"
                            for r, msg in sorted(peers.items())) if peers else
                  f"another rank died or hung for more than dist_timeout_s={timeout_s:g}s")
-        return D.DistributedError(f"{where}: a collective failed ({D._first_line(e)}); {cause}. The last complete "
+        return D.DistributedError(f"{where}: a collective failed ({D.first_line(e)}); {cause}. The last complete "
                                   f"checkpoint in {run_dir} is kept: resume with splitnet train --resume {run_dir}")
 
     def close(self) -> None:
