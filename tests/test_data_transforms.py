@@ -16,9 +16,12 @@ def _images(b=4, s=256, seed=0):
     return torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g)
 
 
+def _u(n, k, seed=0):
+    return torch.rand(n, k, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
 def test_random_offsets_cover_0_to_32_inclusive():
-    g = torch.Generator().manual_seed(0)
-    dy, dx = T.random_offsets(20000, 32, g)
+    dy, dx = T.random_offsets(_u(20000, 2), 32)
     for d in (dy, dx):
         assert d.dtype == torch.int64 and d.min() == 0 and d.max() == 32
         counts = torch.bincount(d, minlength=33).float()
@@ -63,8 +66,7 @@ def test_flip_mirrors_only_the_chosen_images():
     idx = torch.arange(255, -1, -1)
     assert torch.equal(out[0], x[0][:, :, idx]) and torch.equal(out[2], x[2][:, :, idx])
     assert torch.equal(out[1], x[1]) and torch.equal(out[3], x[3])
-    g = torch.Generator().manual_seed(1)
-    assert abs(T.random_flips(20000, 0.5, g).float().mean().item() - 0.5) < 0.02
+    assert abs(T.random_flips(_u(20000, 1, 1)[:, 0], 0.5).float().mean().item() - 0.5) < 0.02
 
 
 def test_subtract_mean_gives_float_0_255_minus_mean():
@@ -85,9 +87,12 @@ def _known_cov():
 def test_lighting_shift_covariance_is_std2_times_data_covariance():
     """§4.1 with "cc2" units: shift = P (alpha * sqrt(lambda)), so Cov(shift) = P diag(0.01 lambda) P^T = 0.01 C."""
     cov, vals, vecs = _known_cov()
-    g = torch.Generator().manual_seed(0)
-    alphas = T.random_alphas(200000, 0.1, g)
+    alphas = T.random_alphas(_u(200000, 4), 0.1)
     assert abs(alphas.std().item() - 0.1) < 1e-3
+    # Box-Muller: each of the three is N(0, 0.01), and they are uncorrelated
+    assert (alphas.std(0) - 0.1).abs().max() < 1e-3 and alphas.mean(0).abs().max() < 1e-3
+    assert (torch.corrcoef(alphas.T.double()) - torch.eye(3, dtype=torch.float64)).abs().max() < 0.01
+    assert abs((alphas[:, 0].abs() < 0.1 * 1.96).double().mean().item() - 0.95) < 0.005  # normal, not just unit variance
     shifts = T.lighting_shift(alphas, vals, vecs, "cc2").double()
     sample = torch.cov(shifts.T)
     expected = vecs @ torch.diag(0.01 * vals) @ vecs.T
@@ -116,7 +121,7 @@ def test_lighting_adds_one_rgb_triple_per_image():
 
 
 def _params(b, seed=3):
-    return P.draw_params(b, torch.Generator().manual_seed(seed), 32)
+    return P.draw_params(_u(b, P.N_UNIFORMS, seed), 32)
 
 
 def _ref_train(images, prm, mean, vals, vecs, cfg):
@@ -191,6 +196,28 @@ def test_eval_batch_centre_and_ten_patches():
     diff = images.float() - mean  # aligned: the mean is cropped and mirrored with each patch
     assert torch.equal(ten[:, 1], diff[:, :, 0:224, 32:256])
     assert torch.equal(ten[:, 8], diff[:, :, 32:256, 32:256].flip(-1))
+
+
+def test_uniforms_are_each_positions_splitmix64_stream():
+    """rng.uniforms (vectorised) against the scalar SplitMix64 generator written out in Python."""
+    from splitnet.data import rng
+
+    def scalar_stream(seed, k):  # SplitMix64: state += golden; output = finaliser(state)
+        out = []
+        for j in range(k):
+            out.append((rng._splitmix64((seed + j * rng._GOLDEN) & rng._MASK) >> 11) * 2.0 ** -53)
+        return out
+
+    positions = [0, 1, 2, 49999, 123456789]
+    u = rng.uniforms((7, 3, rng.STREAM_AUGMENT), positions, 5)
+    assert u.dtype == torch.float64 and u.shape == (5, 5)
+    for i, p in enumerate(positions):
+        assert u[i].tolist() == scalar_stream(rng.derive_seed(7, 3, rng.STREAM_AUGMENT, p), 5)
+    big = rng.uniforms((0, 0, rng.STREAM_AUGMENT), range(100000), 2)
+    assert big.min() >= 0 and big.max() < 1
+    assert abs(big.mean().item() - 0.5) < 0.005 and abs(big.var().item() - 1 / 12) < 0.002
+    # neighbouring positions and the two numbers of a position are unrelated
+    assert abs(torch.corrcoef(torch.stack([big[:-1, 0], big[1:, 0], big[:-1, 1]]))[0, 1:]).max() < 0.01
 
 
 def test_sample_params_depend_only_on_seed_epoch_position():

@@ -11,6 +11,7 @@ import torch
 from splitnet.config import ConfigError
 from splitnet.train import checkpoint as ckpt
 from splitnet.train.config import load_config
+from splitnet.train import loop
 from splitnet.train.loop import read_metrics, train
 from splitnet.train.runtime import DistRuntime, LocalRuntime
 from splitnet.train.scaler import MIN_SCALE, LossScaler
@@ -48,7 +49,7 @@ def _same_tensors(a: dict, b: dict) -> bool:
 @pytest.fixture(scope="module")
 def fp32_run(cache32, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp32")
-    train(_cfg(cache32, f"max_steps={STEPS}"), out, progress=False)
+    train(_cfg(cache32, f"max_steps={STEPS}", 'precision="fp32"'), out, progress=False)
     return out
 
 
@@ -73,6 +74,26 @@ def test_fp16_losses_follow_fp32(cache32, fp32_run, fp16_run, tmp_path, mode):
     recs = _train_recs(out)
     assert all(r["loss_scale"] == 2.0 ** 16 and "skipped" not in r for r in recs)  # no overflow at 2**16 here
     assert all("loss_scale" not in r for r in _train_recs(fp32_run))  # fp32 records are as before
+
+
+def test_fp32_channels_last_is_fp32_in_another_memory_order(cache32, fp32_run, tmp_path, monkeypatch):
+    """fp32_cl (experiments/cifar.toml's mode, for CPU speed): the same float32 arithmetic as fp32, so
+    the same losses up to the convolutions' summation order, with the conv weights in NHWC."""
+    formats = []
+
+    class Recording(loop.PaperSGD):  # what the update sees: the conv weights' memory order
+        def step(self, closure=None):
+            formats.extend(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                           for g in self.param_groups for p in g["params"] if p.dim() == 4)
+            return super().step(closure)
+
+    monkeypatch.setattr(loop, "PaperSGD", Recording)
+    out = tmp_path / "fp32_cl"
+    train(_cfg(cache32, f"max_steps={STEPS}", 'precision="fp32_cl"'), out, progress=False)
+    ref, got = _losses(fp32_run), _losses(out)
+    assert len(got) == len(ref) == STEPS
+    assert max(abs(a - b) / b for a, b in zip(got, ref)) < 1e-5, (got, ref)
+    assert formats and all(formats)
 
 
 def test_checkpoints_and_optimiser_stay_float32(fp16_run):

@@ -112,7 +112,7 @@ GPU_DATASHEET = (
     (("H100",), (67.0, 494.7, 989.4)),  # SXM5
     (("A100",), (19.5, 156.0, 312.0)),
 )
-_COLUMN = {"fp32": 0, "tf32": 1, "bf16": 2, "bf16_cl": 2, "fp16": 2, "fp16_cl": 2}
+_COLUMN = {"fp32": 0, "fp32_cl": 0, "tf32": 1, "bf16": 2, "bf16_cl": 2, "fp16": 2, "fp16_cl": 2}
 
 
 def gpu_nominal_peak(names, mode: str) -> dict:

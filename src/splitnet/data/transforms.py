@@ -14,11 +14,12 @@ import torch
 
 
 # ---- crops (§4.1) --------------------------------------------------------------------------------
-def random_offsets(n: int, max_offset: int, generator: torch.Generator) -> tuple:
+def random_offsets(u: torch.Tensor, max_offset: int) -> tuple:
     """(dy, dx), int64 [n] each, uniform on 0..max_offset inclusive (§4.1: "extracting random 224x224
-    patches ... from the 256x256 images": 33 positions per axis, 0..32, as cuda-convnet2 did)."""
-    d = torch.randint(0, max_offset + 1, (2, n), generator=generator)
-    return d[0], d[1]
+    patches ... from the 256x256 images": 33 positions per axis, 0..32, as cuda-convnet2 did), from
+    uniforms u [n, 2] in [0, 1) (data/rng.uniforms)."""
+    d = (u * (max_offset + 1)).floor_().long().clamp_(0, max_offset)
+    return d[:, 0].contiguous(), d[:, 1].contiguous()
 
 
 def crop(images: torch.Tensor, dy, dx, size: int) -> torch.Tensor:
@@ -60,9 +61,9 @@ def ten_patches(images: torch.Tensor, size: int = 224) -> torch.Tensor:
 
 
 # ---- horizontal reflection (§4.1) ----------------------------------------------------------------
-def random_flips(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
-    """bool [n]: True with probability p (§4.1: horizontal reflections; p = 0.5)."""
-    return torch.rand(n, generator=generator) < p
+def random_flips(u: torch.Tensor, p: float) -> torch.Tensor:
+    """bool [n]: True with probability p (§4.1: horizontal reflections; p = 0.5), from uniforms u [n]."""
+    return u < p
 
 
 def flip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -72,9 +73,14 @@ def flip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # ---- PCA lighting (§4.1) ---------------------------------------------------------------------------
-def random_alphas(n: int, std: float, generator: torch.Generator) -> torch.Tensor:
-    """float32 [n, 3], alpha_i ~ N(0, std^2), drawn once per image per use (§4.1: std = 0.1)."""
-    return torch.randn(n, 3, generator=generator) * std
+def random_alphas(u: torch.Tensor, std: float) -> torch.Tensor:
+    """float32 [n, 3], alpha_i ~ N(0, std^2), drawn once per image per use (§4.1: std = 0.1), from
+    uniforms u [n, 4] by the Box-Muller transform: (u0, u1) give alpha_1 and alpha_2, (u2, u3) alpha_3."""
+    u = u.to(torch.float64)
+    r = (-2.0 * torch.log1p(-u[:, 0::2])).sqrt()  # 1 - u in (0, 1]: no log(0)
+    theta = 2.0 * torch.pi * u[:, 1::2]
+    z = torch.stack([r[:, 0] * theta[:, 0].cos(), r[:, 0] * theta[:, 0].sin(), r[:, 1] * theta[:, 1].cos()], 1)
+    return (z * std).to(torch.float32)
 
 
 def lighting_shift(alphas: torch.Tensor, eigvals, eigvecs, units: str = "cc2") -> torch.Tensor:

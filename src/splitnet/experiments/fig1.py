@@ -84,8 +84,8 @@ def balanced_indices(labels, limit: int, classes: int) -> np.ndarray:
 
 
 def small_images(cache, split: str = "train", side: int = 32, limit: int = 0, init: str = "paper") -> tuple:
-    """(float images [N, 3, side, side], labels [N], classes): the cache's images (area-averaged to
-    `side` if the cache is larger), minus the mean image; divided by 64 for init "torch". `limit`:
+    """(float images [N, 3, side, side] in channels_last order, labels [N], classes): the cache's
+    images (area-averaged to `side` if the cache is larger), minus the mean image; divided by 64 for init "torch". `limit`:
     a class-balanced subset of that many images."""
     ds = PackedDataset(cache, split)
     classes = len(ds.classes)
@@ -100,7 +100,7 @@ def small_images(cache, split: str = "train", side: int = 32, limit: int = 0, in
     x -= x.mean(0, keepdim=True)
     if init == "torch":
         x /= 64.0
-    return x, torch.cat(ys), classes
+    return x.contiguous(memory_format=torch.channels_last), torch.cat(ys), classes
 
 
 @torch.no_grad()
@@ -117,7 +117,10 @@ def epochs_to(x, y, classes: int, act: str, lr: float, target: float = 0.25, max
     """Train (SGD, momentum 0.9, no regularisation) until the training error is <= target.
     Returns {epochs (inf if never), curve (error per epoch), images_per_s, seconds, diverged}."""
     torch.manual_seed(seed)
-    model = FourLayerCNN(act, classes, x.shape[-1], init)
+    # channels_last (NHWC): the same float32 arithmetic, 1.3x the training rate of NCHW on a CPU for
+    # this network (measured at batch 128, one thread, ReLU and tanh alike). A no-op for x from small_images.
+    model = FourLayerCNN(act, classes, x.shape[-1], init).to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
     curve, seen, t_train = [], 0, 0.0

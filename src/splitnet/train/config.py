@@ -87,7 +87,8 @@ class TrainConfig:
     # workers), "device" (the model's first device, from the uint8 cache: data/device_input.py), or
     # "auto" (device on a GPU, cpu otherwise). The batches are bitwise the same either way.
     input_device: str = "auto"
-    # numeric mode of the forward pass (model/precision.py): "fp32" (the paper's), "tf32", "bf16" (autocast;
+    # numeric mode of the forward pass (model/precision.py): "fp32" (the paper's), "fp32_cl" (the same
+    # arithmetic in channels_last memory order: faster on a CPU at CIFAR scale), "tf32", "bf16" (autocast;
     # weights, update and loss stay float32) or "bf16_cl" (bf16 + channels_last); the GPU fast path.
     # "fp16" / "fp16_cl": the same in float16 with a loss scaler (train/scaler.py), for GPUs without bf16
     precision: str = "fp32"

@@ -215,7 +215,7 @@ def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bo
     if len(train_ds) < cfg.batch_size:
         raise ConfigError(f"batch_size = {cfg.batch_size} is larger than the training set ({len(train_ds)} "
                           f"images in {cache})")
-    if memory_format(cfg.precision) == torch.channels_last:  # bf16_cl: conv weights NHWC
+    if memory_format(cfg.precision) == torch.channels_last:  # fp32_cl, bf16_cl, fp16_cl: conv weights NHWC
         model.to(memory_format=torch.channels_last)
     opt = PaperSGD(param_groups(model, cfg.optim.weight_decay, cfg.optim.bias_decay),
                    lr=cfg.optim.lr, momentum=cfg.optim.momentum)
