@@ -262,9 +262,11 @@ def test_distributed_bench_tiny():
 
 
 def test_input_path_bench_tiny():
-    """The cache-fed training measurement runs both input paths end to end (here on the CPU)."""
+    """The cache-fed training measurement runs both input paths end to end (here on the CPU, with the
+    CIFAR-scale network on 32-pixel images: the machinery, not the big network's speed)."""
     from splitnet.bench.data import input_path
-    r = input_path("cpu", batch=4, mode="fp32", workers=1, per_class=3, epochs=1)
+    r = input_path("cpu", batch=4, mode="fp32", workers=1, per_class=3, epochs=1, geometry="cifar")
+    assert r["geometry"] == "cifar"
     for key in ("train_images_per_s_on_device_batches", "train_images_per_s_device_input",
                 "train_images_per_s_cpu_input", "train_loop_images_per_s"):
         assert r[key] > 0, key
@@ -275,10 +277,11 @@ def test_input_path_bench_tiny():
 
 def test_compiled_variants_run_and_are_reported():
     """--compile times torch.compile'd nets beside the others (backend "eager" here: dynamo's tracing
-    without code generation, so the test stays fast)."""
+    without code generation, and the CIFAR-scale network, so the test stays fast)."""
     from splitnet.bench.model import compare
-    r = compare("paper", "cpu", batch=2, reps=1, num_classes=10, strategies=("sequential",), compile_backend="eager")
-    assert r["compile_backend"] == "eager"
+    r = compare("paper", "cpu", batch=2, reps=1, num_classes=10, strategies=("sequential",), compile_backend="eager",
+                geometry="cifar")
+    assert r["compile_backend"] == "eager" and r["geometry"] == "cifar"
     for name in ("split_sequential_compiled", "grouped_compiled"):
         assert r[f"train_step_s_{name}"] > 0 and r[f"infer_s_{name}"] > 0
 

@@ -16,6 +16,7 @@ import torch
 
 from ..data import DataConfig, DeviceBatches, PackedDataset, make_loader, make_synthetic, prepare
 from ..model.columns import SplitAlexNet
+from ..model.layout import get_geometry
 from ..model.placement import synchronize
 from ..model.precision import tf32
 from ..train.config import load_config
@@ -24,15 +25,16 @@ from .timing import paper_optimizer, spread, timed, train_step, training_strateg
 
 
 @contextlib.contextmanager
-def _synthetic_cache(per_class: int, workers: int):
-    """A temporary prepared synthetic set (10 classes x per_class training images): yields (cache
-    folder, images packed, seconds the preparation took); removed afterwards."""
+def _synthetic_cache(per_class: int, workers: int, image_size: int | None = None):
+    """A temporary prepared synthetic set (10 classes x per_class training images, cached at
+    `image_size`, default the paper's 256): yields (cache folder, images packed, seconds the
+    preparation took); removed afterwards."""
     tmp = Path(tempfile.mkdtemp(prefix="splitnet-bench-"))
     try:
         root = make_synthetic(tmp / "src", seed=0, classes=10, train_per_class=per_class, val_per_class=1,
                               workers=workers)
         t0 = time.perf_counter()
-        report = prepare(root, tmp / "cache", workers=workers, progress=False)
+        report = prepare(root, tmp / "cache", workers=workers, image_size=image_size, progress=False)
         packed = sum(sp["packed"] for sp in report["splits"].values())
         yield tmp / "cache", packed, time.perf_counter() - t0
     finally:
@@ -92,23 +94,25 @@ def data_path(batch: int = 128) -> dict:
 
 
 def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: int | None = None,
-               per_class: int = 600, epochs: int = 1) -> dict:
+               per_class: int = 600, epochs: int = 1, geometry: str = "imagenet") -> dict:
     """Training images/s fed from the uint8 cache against training on one batch already on the device.
 
     "device" path: DataLoader workers gather uint8 images, DeviceBatches crops, mirrors, lights and
     subtracts the mean on the device one batch ahead (data/device_input.py). "cpu" path: the workers
     do all of it and send float32 crops. Synthetic 256x256 images, 10 classes x `per_class` (the
-    default: 46 batches of 128, a few hundred milliseconds of a fast GPU's training).
+    default: 46 batches of 128, a few hundred milliseconds of a fast GPU's training). geometry: the
+    paper's network on 256-pixel images ("imagenet") or its CIFAR-scale family on 32-pixel ones ("cifar").
     """
     dev = torch.device(device)
     workers = workers if workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
-    with _synthetic_cache(per_class, workers) as (cache, _, _):
+    geo = get_geometry(geometry)  # the prepared image side and the crop the geometry's conv1 reads
+    with _synthetic_cache(per_class, workers, geo.image_size) as (cache, _, _):
         torch.manual_seed(0)
-        model = SplitAlexNet(10, devices=dev)
+        model = SplitAlexNet(10, devices=dev, geometry=geometry)
         model.concurrency = training_strategy(model, batch, mode)
         opt = paper_optimizer(model)
         head = model.devices[model.layout.head]
-        cfg = DataConfig(workers=workers)
+        cfg = DataConfig(workers=workers, image_size=geo.image_size, crop_size=geo.crop)
         sync = sorted(set(model.devices), key=str)
 
         def epoch_batches(epoch: int, on_device: bool):
@@ -124,7 +128,7 @@ def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: i
 
         model.train()
         with tf32(mode):
-            x = torch.randn(batch, 3, 224, 224, device=dev) * 60
+            x = torch.randn(batch, 3, model.input_side, model.input_side, device=dev) * 60
             y = torch.randint(0, 10, (batch,), device=head)
             for _ in range(2):
                 step(x, y)
@@ -132,9 +136,9 @@ def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: i
             # Each worker's first batch of an epoch carries its start-up: untimed.
             rates = {path: _rate((epoch_batches(e, path == "device") for e in range(epochs)), step, sync,
                                  skip=workers)[0] for path in ("device", "cpu")}
-        loop, loop_parts = train_loop_rate(cache, model.devices, batch, mode, workers)
+        loop, loop_parts = train_loop_rate(cache, model.devices, batch, mode, workers, geometry)
     on_dev_ips = batch / statistics.median(on_device)
-    return {"device": str(dev), "precision": mode, "batch": batch, "workers": workers,
+    return {"device": str(dev), "precision": mode, "batch": batch, "workers": workers, "geometry": geometry,
             "images": 10 * per_class, "epochs": epochs,
             "train_images_per_s_on_device_batches": on_dev_ips,
             "train_images_per_s_device_input": rates["device"],
@@ -146,7 +150,7 @@ def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: i
             "train_loop_over_on_device_spread": spread(r / on_dev_ips for r in loop_parts)}
 
 
-def train_loop_rate(cache, devices, batch: int, mode: str, workers: int) -> tuple:
+def train_loop_rate(cache, devices, batch: int, mode: str, workers: int, geometry: str = "imagenet") -> tuple:
     """Images/s of `splitnet train` itself (train.train: the input path of its config, dropout
     streams, loss and error read back every step, metrics) on a prepared cache: one run of an
     epoch's batches less one, timed by the wall clock of its metrics records after the first
@@ -158,7 +162,9 @@ def train_loop_rate(cache, devices, batch: int, mode: str, workers: int) -> tupl
     if steps < skip + 2:
         raise ValueError(f"train_loop_rate: {steps} steps of {batch} in {cache}; need {skip + 2}")
     sets = [f'data.root="{cache}"', f"batch_size={batch}", f"max_steps={steps}", "eval_at_stop=false",
-            f'precision="{mode}"', f"devices={json.dumps([str(d) for d in devices])}", f"data.workers={workers}"]
+            f'precision="{mode}"', f"devices={json.dumps([str(d) for d in devices])}", f"data.workers={workers}",
+            f'model.geometry="{geometry}"', f"data.image_size={get_geometry(geometry).image_size}",
+            f"data.crop_size={get_geometry(geometry).crop}"]
     with tempfile.TemporaryDirectory(prefix="splitnet-bench-") as tmp:
         train(load_config(None, sets), Path(tmp) / "run", progress=False)
         recs = [r for r in read_metrics(Path(tmp) / "run") if r["kind"] == "train"][skip:]

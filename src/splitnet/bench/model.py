@@ -32,13 +32,13 @@ def strategies_for(devices) -> list:
     return ["sequential"]
 
 
-def _nets(layout, devices, base, num_classes: int, strategies, compile_backend) -> dict:
+def _nets(layout, devices, base, num_classes: int, strategies, compile_backend, geometry: str) -> dict:
     """{name: net}, every one with the same weights: split_<strategy> per strategy, grouped (on
     `base`), and with compile_backend the compiled sequential split and grouped networks."""
     torch.manual_seed(0)
     nets = {}
     for st in strategies:
-        nets[f"split_{st}"] = SplitAlexNet(num_classes, layout, devices=devices, concurrency=st)
+        nets[f"split_{st}"] = SplitAlexNet(num_classes, layout, devices=devices, concurrency=st, geometry=geometry)
         if st != strategies[0]:
             nets[f"split_{st}"].load_state_dict(nets[f"split_{strategies[0]}"].state_dict())
     first = nets[f"split_{strategies[0]}"]
@@ -46,7 +46,7 @@ def _nets(layout, devices, base, num_classes: int, strategies, compile_backend) 
     grouped.load_state_dict(first.grouped_state_dict())
     nets["grouped"] = grouped
     if compile_backend:
-        seq = SplitAlexNet(num_classes, layout, devices=devices, concurrency="sequential")
+        seq = SplitAlexNet(num_classes, layout, devices=devices, concurrency="sequential", geometry=geometry)
         seq.load_state_dict(first.state_dict())
         g2 = GroupedAlexNet(first.config).to(base)
         g2.load_state_dict(first.grouped_state_dict())
@@ -57,7 +57,7 @@ def _nets(layout, devices, base, num_classes: int, strategies, compile_backend) 
 
 def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3,
             num_classes: int = 1000, mode: str = "fp32", strategies=None, baseline_device=None,
-            compile_backend: str | None = None) -> dict:
+            compile_backend: str | None = None, geometry: str = "imagenet") -> dict:
     """Training step and inference of the split model (each concurrency strategy) against the
     single-device grouped network, interleaved in one process, and the split's training FLOP
     utilisation of the devices.
@@ -72,12 +72,13 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
     `baseline_device` (default: the first column's device). mode: a key of PRECISIONS.
     compile_backend: also time torch.compile(backend=...) of the sequential split model and of the
     grouped network ("split_sequential_compiled", "grouped_compiled"). The threads strategy is not
-    compiled (its columns run in worker threads)."""
-    ncol = get_layout(layout, num_classes).columns
+    compiled (its columns run in worker threads). geometry: the paper's network ("imagenet") or its
+    CIFAR-scale family ("cifar", model/layout.py)."""
+    ncol = get_layout(layout, num_classes, geometry).columns
     devices = tuple(torch.device(d) for d in (device if isinstance(device, (tuple, list)) else (device,) * ncol))
     base = torch.device(baseline_device) if baseline_device else devices[0]
     strategies = strategies or strategies_for(devices)
-    nets = _nets(layout, devices, base, num_classes, strategies, compile_backend)
+    nets = _nets(layout, devices, base, num_classes, strategies, compile_backend, geometry)
     first = nets[f"split_{strategies[0]}"]
     fmt = memory_format(mode)
     x = torch.randn(batch, 3, first.input_side, first.input_side) * 60
@@ -114,6 +115,7 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
                 for name, net in nets.items():
                     times[f"infer_{name}"].append(timed(lambda: net(xs[name][0]), sync))
     res = {"device": ", ".join(str(d) for d in devices), "grouped_device": str(base), "layout": layout,
+           "geometry": geometry,
            "batch": batch, "reps": reps, "precision": mode,
            "default_strategy": split[len("split_"):], "strategies": strategies}
     res.update(_step_figures(times, split, batch))
