@@ -87,6 +87,28 @@ def tiny(tmp_path_factory):
     return ensure_cache(root, home)
 
 
+def test_step_time_column_times_the_runs_own_step(monkeypatch):
+    """The step-time column times what training runs: the whole PaperSGD step, in the experiment's
+    precision and memory format (channels_last for the CIFAR suite), interleaved with `paper`."""
+    import splitnet.experiments.ablate as ab
+    from splitnet.train.optim import PaperSGD
+    seen = []
+    step = ab.train_step
+
+    def recording(net, opt, x, y, **kw):
+        seen.append((type(opt) is PaperSGD, kw["mode"], x.is_contiguous(memory_format=torch.channels_last),
+                     net.columns[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)))
+        step(net, opt, x, y, **kw)
+
+    monkeypatch.setattr(ab, "train_step", recording)
+    cfgs = {n: load_experiment(n, data="x", suite="cifar")[0] for n in ("paper", "no-lrn")}
+    assert cfgs["paper"].precision == "fp32_cl"
+    cfgs = {n: dataclasses.replace(c, batch_size=8) for n, c in cfgs.items()}
+    rel = ab.step_times(cfgs["paper"], cfgs, reps=2)
+    assert rel["paper"] == 1.0 and rel["no-lrn"] > 0
+    assert len(seen) == 6 and all(s == (True, "fp32_cl", True, True) for s in seen)  # warm-ups + 2 pairs
+
+
 def test_runner_fills_every_column_and_resumes(cache32, tmp_path, monkeypatch):
     """At the CIFAR scale (seconds a run); the suites share this runner."""
     sets = ["batch_size=4", "max_steps=1", "data.workers=0", "eval_batch_size=20", "max_minutes=0"]

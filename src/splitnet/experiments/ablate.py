@@ -20,17 +20,17 @@ import multiprocessing
 import os
 import signal
 import statistics
-import time
 import tomllib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ConfigError, replace, to_dict
 from ..data import resolve_data
+from ..bench.timing import paper_optimizer, timed, train_step
 from ..model.columns import SplitAlexNet, model_layout
+from ..model.precision import memory_format, tf32
 from ..train import checkpoint as ckpt
 from ..train.config import apply_sets, load_config
 from ..train.evaluate import evaluate_checkpoints
@@ -104,26 +104,31 @@ def load_experiment(name: str, data=None, sets=(), suite: str = "ablations") -> 
     return load_config(None, extra, base=merged), meta
 
 
-def _timing_model(cfg):
+def _timing_model(cfg) -> tuple:
+    """The experiment's model, optimiser and a random batch, held as its training run holds them (the
+    precision's memory format), and the precision: the arguments of _step."""
     torch.manual_seed(0)
     m = SplitAlexNet(num_classes=10, config=cfg.model, devices=tuple(cfg.devices) or None,
                      concurrency=cfg.concurrency).train()
+    fmt = memory_format(cfg.precision)
+    m.to(memory_format=fmt)
     b = cfg.batch_size
-    x, y = torch.randn(b, 3, m.input_side, m.input_side) * 60, torch.randint(0, 10, (b,))
-    return m, x.to(m.devices[0]), y.to(m.devices[m.layout.head])
+    x = (torch.randn(b, 3, m.input_side, m.input_side) * 60).to(m.devices[0]).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (b,)).to(m.devices[m.layout.head])
+    return m, paper_optimizer(m, cfg.optim), x, y, cfg.precision
 
 
-def _step(m, x, y) -> float:
-    t0 = time.perf_counter()
-    m.zero_grad(set_to_none=True)
-    F.cross_entropy(m(x), y).backward()
-    return time.perf_counter() - t0
+def _step(m, opt, x, y, mode: str) -> float:
+    """Seconds of one training step as `splitnet train` takes it (bench/timing.py train_step: dropout
+    streams, forward and loss under the precision, backward, the PaperSGD update)."""
+    with tf32(mode):
+        return timed(lambda: train_step(m, opt, x, y, mode=mode), sorted(set(m.devices), key=str))
 
 
 def step_times(paper_cfg, cfgs: dict, reps: int = 2) -> dict:
-    """Training step time (forward, loss, backward) of each config's model relative to the paper's,
-    each timed interleaved with the paper model on same-sized random batches, in this process
-    (median of `reps` after a warm-up). Two models in memory at a time."""
+    """Training step time (the whole step, in the run's precision and memory format: _step) of each
+    config's model relative to the paper's, each timed interleaved with the paper model on same-sized
+    random batches, in this process (median of `reps` after a warm-up). Two models in memory at a time."""
     paper = _timing_model(paper_cfg)
     _step(*paper)
     rel = {}
