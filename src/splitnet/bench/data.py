@@ -161,10 +161,10 @@ def train_loop_rate(cache, devices, batch: int, mode: str, workers: int, geometr
     skip = workers + 2
     if steps < skip + 2:
         raise ValueError(f"train_loop_rate: {steps} steps of {batch} in {cache}; need {skip + 2}")
+    geo = get_geometry(geometry)
     sets = [f'data.root="{cache}"', f"batch_size={batch}", f"max_steps={steps}", "eval_at_stop=false",
             f'precision="{mode}"', f"devices={json.dumps([str(d) for d in devices])}", f"data.workers={workers}",
-            f'model.geometry="{geometry}"', f"data.image_size={get_geometry(geometry).image_size}",
-            f"data.crop_size={get_geometry(geometry).crop}"]
+            f'model.geometry="{geometry}"', f"data.image_size={geo.image_size}", f"data.crop_size={geo.crop}"]
     with tempfile.TemporaryDirectory(prefix="splitnet-bench-") as tmp:
         train(load_config(None, sets), Path(tmp) / "run", progress=False)
         recs = [r for r in read_metrics(Path(tmp) / "run") if r["kind"] == "train"][skip:]

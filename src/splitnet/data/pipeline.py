@@ -67,8 +67,9 @@ def train_batch(images: torch.Tensor, params: AugmentParams, mean: torch.Tensor 
 
     On a CPU a fused per-image loop computes it (one pass over each crop, no batch-sized
     temporaries, several times faster), except for crops of SMALL_CROP pixels or less; on a GPU, and
-    for small crops, one batched gather (no per-image kernels: the device input path, device_input.py). All give bitwise the same result as the composition of the
-    transforms (tests hold them equal): the same float32 operations, on the same operands.
+    for small crops, one batched gather (no per-image kernels: the device input path,
+    device_input.py). All give bitwise the same result as the composition of the transforms (tests
+    hold them equal): the same float32 operations, on the same operands.
     """
     b, s = images.shape[0], images.shape[-1]
     if cfg.random_crop:

@@ -85,8 +85,8 @@ def balanced_indices(labels, limit: int, classes: int) -> np.ndarray:
 
 def small_images(cache, split: str = "train", side: int = 32, limit: int = 0, init: str = "paper") -> tuple:
     """(float images [N, 3, side, side] in channels_last order, labels [N], classes): the cache's
-    images (area-averaged to `side` if the cache is larger), minus the mean image; divided by 64 for init "torch". `limit`:
-    a class-balanced subset of that many images."""
+    images (area-averaged to `side` if the cache is larger), minus the mean image; divided by 64 for
+    init "torch". `limit`: a class-balanced subset of that many images."""
     ds = PackedDataset(cache, split)
     classes = len(ds.classes)
     index = balanced_indices(ds.labels, limit, classes) if limit else np.arange(len(ds))
@@ -118,7 +118,8 @@ def epochs_to(x, y, classes: int, act: str, lr: float, target: float = 0.25, max
     Returns {epochs (inf if never), curve (error per epoch), images_per_s, seconds, diverged}."""
     torch.manual_seed(seed)
     # channels_last (NHWC): the same float32 arithmetic, 1.3x the training rate of NCHW on a CPU for
-    # this network (measured at batch 128, one thread, ReLU and tanh alike). A no-op for x from small_images.
+    # this network (measured at batch 128, one thread, ReLU and tanh alike). A no-op for x from
+    # small_images.
     model = FourLayerCNN(act, classes, x.shape[-1], init).to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)

@@ -3,8 +3,7 @@
   fp32     plain float32 (the default: the paper's arithmetic).
   fp32_cl  float32 with the conv weights and the input in channels_last (NHWC) memory format: the
            same arithmetic, a different memory order. On a CPU the small CIFAR-scale network trains
-           faster in it (overlapping max pooling and the LRN's channel window vectorise along the
-           contiguous channels; experiments/cifar.toml measures it).
+           faster in it (overlapping max pooling is several times faster in NHWC; docs/results.md).
   tf32     float32 tensors, TF32 tensor-core matmuls and convolutions (Ampere and later GPUs).
   bf16     TF32 plus bfloat16 autocast: convolutions and fc layers in bf16, weights, SGD update and
            loss in float32 (torch.autocast keeps the reductions that need it in float32).
