@@ -118,13 +118,17 @@ MIN_ROUNDS = 3  # fewer repetitions show no spread to judge against
 
 def judge(op: str, target: float, value, spread: dict | None) -> str:
     """"met" if the worst repetition meets the target, "not met" if even the best misses it,
-    "not resolved" in between or with fewer than MIN_ROUNDS repetitions; "not measured" without a value."""
+    "not resolved" in between or with fewer than MIN_ROUNDS repetitions; "not measured" without a value.
+    With a confidence interval of the median (spread["ci95"], from 6 repetitions on) its ends take the
+    place of the worst and best repetitions: many repetitions make the extremes wider, not the
+    median's uncertainty."""
     if value is None:
         return "not measured"
     if not spread or spread["n"] < MIN_ROUNDS:
         return "not resolved"
     meets = (lambda v: v <= target) if op == "<=" else (lambda v: v >= target)
-    worst, best = (spread["max"], spread["min"]) if op == "<=" else (spread["min"], spread["max"])
+    lo, hi = spread.get("ci95") or (spread["min"], spread["max"])
+    worst, best = (hi, lo) if op == "<=" else (lo, hi)
     return "met" if meets(worst) else ("not met" if not meets(best) else "not resolved")
 
 
@@ -138,6 +142,7 @@ def goals(res: dict) -> list:
         verdict = judge(op, target, value, spread)
         out.append({"goal": what, "key": f"{section}.{key}", "target": f"{op} {target:g}", "value": value,
                     "spread": [spread["min"], spread["max"]] if spread else None,
+                    "ci95": spread.get("ci95") if spread else None,
                     "rounds": spread["n"] if spread else None, "verdict": verdict,
                     "met": {"met": True, "not met": False}.get(verdict)})
     return out
@@ -177,12 +182,18 @@ def _print(res: dict) -> None:
         print("\n[information]")
         for line in info:
             print(f"  {line}")
-    print("\n[goals]  met: the worst round meets it; not met: even the best round misses it")
+    print("\n[goals]  met: the worst round meets it; not met: even the best round misses it (from 6 rounds"
+          " on: the ends of the median's 95% CI, shown in [])")
     for g in res.get("goals", []):
         v = "not measured" if g["value"] is None else f"{g['value']:.3g}"
-        rng = f"{g['spread'][0]:.3g}..{g['spread'][1]:.3g}" if g["spread"] else ""
+        rng = f"[{_interval(g['ci95'])}]" if g.get("ci95") else (
+            f"{g['spread'][0]:.3g}..{g['spread'][1]:.3g}" if g["spread"] else "")
         verdict = g["verdict"].upper() if g["met"] is False else g["verdict"]
         print(f"  {g['goal']:<58}{g['target']:>9}  {v:>12} {rng:>14}  {verdict}")
+
+
+def _interval(ci) -> str:
+    return f"{ci[0]:.3g}..{ci[1]:.3g}" if ci else "-"
 
 
 def _range(spread: dict | None, fmt: str = ".3f", scale: float = 1.0) -> str:
@@ -320,7 +331,9 @@ def _main(args) -> int:
         d["ratio_overlap_over_flat"], d["ratio_overlap_over_flat_spread"] = q["median"], q  # judged in goals()
         print(f"[distributed] 4 gloo ranks (2 replicas x 2 columns): gradient all-reduce overlapped with backward "
               f"({r['buckets']} buckets) {r['overlap_step_s']:.3f} s/step vs one flat all-reduce after backward "
-              f"{r['flat_step_s']:.3f} s/step: ratio {q['median']:.3f} (interleaved pairs {q['min']:.3f}..{q['max']:.3f})")
+              f"{r['flat_step_s']:.3f} s/step: ratio {q['median']:.3f} (median of {q['n']} interleaved pairs, "
+              f"{q['min']:.3f}..{q['max']:.3f}; 95% CI of the median {_interval(q.get('ci95'))}; "
+              f"overlap faster in {r['overlap_faster_pairs']} of {q['n']})")
         for s_ in d["ranks4_sent"]:
             print(f"[distributed] rank {s_['rank']} (replica {s_['replica']}, column {s_['column']}) sends per step: "
                   + ", ".join(f"{k} {s_['sent'].get(k, 0) / 1e6:.3f} MB (layout: {v / 1e6:.3f} MB)"

@@ -19,7 +19,8 @@ machine fall on both. rank 0 writes the JSON:
   exchange_s_per_step[layer]  seconds per step spent in that layer's collectives (rank 0)
   exchange_share[layer]       that, as a share of the step
   reduce                      with replicas: flat_step_s, overlap_step_s (medians), the ratio
-                              overlap / flat per interleaved pair (median, min, max)
+                              overlap / flat per interleaved pair (median, min, max; every pair;
+                              how many pairs had the overlapped step faster, for a sign test)
   sent                        per rank: bytes sent in one step, counted at the collectives
                               (distributed.traffic), and the layout's count (expected_traffic)
 `splitnet bench --distributed` runs all three (distributed_vs_single, below) and prints the ratios.
@@ -50,17 +51,18 @@ from ..train.runtime import DistRuntime, LocalRuntime
 from .timing import paper_optimizer, spread, timed, train_step, training_strategy
 
 
-def distributed_vs_single(batch: int = 32, steps: int = 4, geometry: str = "imagenet") -> dict:
-    """Run this module in one process, under torchrun with 2 ranks and with 4 ranks (2 replicas x 2
-    columns; gloo on the CPU, NCCL where GPUs are present; the one process then runs on the GPUs too,
-    as training would place it). geometry: the paper's network ("imagenet") or its CIFAR-scale
-    family ("cifar": the tests' quick run of the same machinery)."""
+def distributed_vs_single(batch: int = 32, steps: int = 4, geometry: str = "imagenet", pairs: int = 24) -> dict:
+    """Run this module in one process, under torchrun with 2 ranks (`steps` timed steps each) and with
+    4 ranks (2 replicas x 2 columns, `pairs` interleaved pairs of overlapped and flat reduction steps:
+    enough for a confidence interval of the median ratio; gloo on the CPU, NCCL where GPUs are present;
+    the one process then runs on the GPUs too, as training would place it). geometry: the paper's
+    network ("imagenet") or its CIFAR-scale family ("cifar": the tests' quick run of the same machinery)."""
     tmp = Path(tempfile.mkdtemp(prefix="splitnet-bdist-"))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
-    common = ["--batch", str(batch), "--steps", str(steps), "--geometry", geometry]
-    subprocess.run([sys.executable, "-m", "splitnet.bench.dist", "--out", str(tmp / "one.json"), *common],
-                   env=env, check=True)
+    common = ["--batch", str(batch), "--geometry", geometry]
+    subprocess.run([sys.executable, "-m", "splitnet.bench.dist", "--out", str(tmp / "one.json"), *common,
+                    "--steps", str(steps)], env=env, check=True)
     runs = {}
     for ranks in (2, 4):
         with socket.socket() as s:
@@ -68,7 +70,8 @@ def distributed_vs_single(batch: int = 32, steps: int = 4, geometry: str = "imag
             port = s.getsockname()[1]
         subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
                         "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "splitnet.bench.dist",
-                        "--out", str(tmp / f"ranks{ranks}.json"), *common], env=env, check=True)
+                        "--out", str(tmp / f"ranks{ranks}.json"), *common,
+                        "--steps", str(steps if ranks == 2 else pairs)], env=env, check=True)
         runs[ranks] = json.loads((tmp / f"ranks{ranks}.json").read_text())
     one, two, four = json.loads((tmp / "one.json").read_text()), runs[2], runs[4]
     return {"batch": batch, "single_step_s": one["step_s"], "single_threads": one["threads"],
@@ -169,7 +172,8 @@ def main(argv=None) -> int:
     if "flat" in times:
         pairs = [o / f for o, f in zip(times["overlap"], times["flat"])]
         res["reduce"] = {"flat_step_s": statistics.median(times["flat"]), "overlap_step_s": step_s,
-                         "ratio_overlap_over_flat": spread(pairs), "buckets": len(reducers["overlap"].buckets)}
+                         "ratio_overlap_over_flat": spread(pairs), "pairs": pairs,
+                         "overlap_faster_pairs": sum(r < 1 for r in pairs), "buckets": len(reducers["overlap"].buckets)}
     if mesh is not None:
         mine = {"rank": mesh.rank, "column": mesh.column, "replica": mesh.replica, "sent": sent,
                 "expected": D.expected_traffic(model.layout, mesh.replicas, mesh.column, rows)}

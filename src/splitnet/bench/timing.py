@@ -2,6 +2,7 @@
 (train/loop.py train_step), with its optimiser, dropout and concurrency strategy."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -76,6 +77,25 @@ def timed(fn, devices) -> float:
 
 
 def spread(values) -> dict:
-    """Median and range of repeated measurements: {"median", "min", "max", "n"}."""
+    """Median and range of repeated measurements: {"median", "min", "max", "n"}, and from 6 of them on
+    "ci95": a confidence interval of the median (median_ci)."""
     values = list(values)
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    out = {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    ci = median_ci(values)
+    if ci is not None:
+        out["ci95"] = ci
+    return out
+
+
+def median_ci(values, level: float = 0.95):
+    """[x_(k), x_(n+1-k)] of the sorted values, the order statistics that bracket the median with
+    probability >= level whatever the distribution (the sign test's interval: the number of values
+    below the true median is Binomial(n, 1/2)); None when n is too small for that (n < 6 at 95%)."""
+    xs, n = sorted(values), len(values)
+    k, below = 0, 0.0  # below = P(Binomial(n, 1/2) <= k - 1), the interval's miss on one side
+    while True:
+        nxt = below + math.comb(n, k) / 2 ** n
+        if 2 * nxt > 1 - level:
+            break
+        below, k = nxt, k + 1
+    return None if k == 0 else [xs[k - 1], xs[n - k]]
