@@ -229,6 +229,21 @@ def test_ten_patch_prediction_averages_probabilities_not_logits():
     assert topk_errors(probs, labels, ks=(1,))["top1_err"] == 0.0
 
 
+def test_ten_patches_go_through_the_model_in_passes_of_the_batch_size():
+    """B images x P patches are P passes of B rows (the cache-sized pass of a centre batch), and the
+    probabilities are those of one pass over all B x P rows."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
+    rows = []
+    model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    x, y = torch.randn(6, 10, 3, 4, 4), torch.randint(0, 5, (6,))
+    probs, _ = predict_probs(model, [(x, y)])
+    assert rows == [6] * 10
+    with torch.no_grad():
+        whole = torch.softmax(model(x.flatten(0, 1)), 1).view(6, 10, 5).mean(1)
+    assert torch.allclose(probs, whole, atol=1e-6)
+
+
 def test_ensemble_is_the_mean_of_probabilities():
     p1 = torch.tensor([[0.6, 0.4], [0.2, 0.8]])
     p2 = torch.tensor([[0.2, 0.8], [0.4, 0.6]])

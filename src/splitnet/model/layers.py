@@ -31,17 +31,19 @@ class LocalResponseNorm(nn.Module):
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, convention={self.convention}"
 
 
-def _window_sum(t: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """s[:, i] = sum of t[:, j] for j in [i - before, i + after] inside 0..C-1 (zero beyond the edges).
+def _window_sum(t: torch.Tensor, before: int, after: int, scale: float = 1.0) -> torch.Tensor:
+    """s[:, i] = scale * sum of t[:, j] for j in [i - before, i + after] inside 0..C-1 (zero beyond
+    the edges).
 
-    One matrix product with the banded 0/1 matrix band[i, j] = [i - before <= j <= i + after], taken
-    along the channel axis in the tensor's own memory order ([B, HW, C] @ band^T for channels_last,
-    band @ [B, C, HW] otherwise). It replaced a loop of shifted slice additions: about 2x faster on
-    a CPU for 16 to 48 channels per column, where the window sum dominated the LRN's time."""
+    One matrix product with the banded matrix band[i, j] = scale * [i - before <= j <= i + after],
+    taken along the channel axis in the tensor's own memory order ([B, HW, C] @ band^T for
+    channels_last, band @ [B, C, HW] otherwise); the scale rides on the tiny band, not on a pass over
+    t. It replaced a loop of shifted slice additions: about 2x faster on a CPU for 16 to 48 channels
+    per column, where the window sum dominated the LRN's time."""
     c = t.shape[1]
     i = torch.arange(c, device=t.device)
     off = i[None, :] - i[:, None]  # off[i, j] = j - i
-    band = ((off >= -before) & (off <= after)).to(t.dtype)
+    band = ((off >= -before) & (off <= after)).to(t.dtype) * scale
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.matmul(t.permute(0, 2, 3, 1), band.t()).permute(0, 3, 1, 2)
     return torch.matmul(band, t.reshape(t.shape[0], c, -1)).view_as(t)
@@ -63,12 +65,14 @@ class _LRN(torch.autograd.Function):
     padded copy, and that pooling's backward) took about a third of a CPU training step; this takes
     about 40% less time (bench). Backward: dL/da_j = g_j d_j^-beta
     - 2 beta alpha a_j sum_{i: j in N(i)} g_i a_i d_i^(-beta-1), the inner sum over the mirrored window.
+    The constants alpha and 2 beta alpha scale the window sums' bands, and the last step is one
+    addcmul: two passes fewer over the maps than writing each product out.
     Tests hold it to the formula, to torch's version (values and gradients) and to gradcheck.
     """
 
     @staticmethod
     def forward(ctx, x, size: int, alpha: float, beta: float, k: float):
-        d = _window_sum(x * x, size // 2, (size - 1) // 2).mul_(alpha).add_(k)
+        d = _window_sum(x * x, size // 2, (size - 1) // 2, alpha).add_(k)
         dpow = _neg_pow(d, beta)
         ctx.save_for_backward(x, d, dpow)
         ctx.size, ctx.alpha, ctx.beta = size, alpha, beta
@@ -79,8 +83,8 @@ class _LRN(torch.autograd.Function):
     def backward(ctx, g):
         x, d, dpow = ctx.saved_tensors
         q = g * dpow
-        t = _window_sum((q * x).div_(d), (ctx.size - 1) // 2, ctx.size // 2)
-        return q.sub_(t.mul_(x).mul_(2 * ctx.beta * ctx.alpha)), None, None, None, None
+        t = _window_sum((q * x).div_(d), (ctx.size - 1) // 2, ctx.size // 2, 2 * ctx.beta * ctx.alpha)
+        return q.addcmul_(t, x, value=-1.0), None, None, None, None
 
 
 class PaperDropout(nn.Module):
