@@ -87,6 +87,13 @@ def reproduce(out, data=None, config=None, sets=(), seeds: int = 1) -> Path:
     return path
 
 
+def _caps(cfg) -> str:
+    """" (capped at 324 steps or 30 minutes, whichever comes first)", or "" for an uncapped run."""
+    caps = ([f"{cfg.max_steps} steps"] if cfg.max_steps else []) + (
+        [f"{cfg.max_minutes:g} minutes"] if cfg.max_minutes else [])
+    return f" (capped at {' or '.join(caps)}{', whichever comes first' if len(caps) > 1 else ''})" if caps else ""
+
+
 def _best_line(run: Path, final: dict | None) -> str:
     """Final and best weights side by side; the table above is the final weights'."""
     best = Path(run) / "best.pt"
@@ -132,8 +139,7 @@ def _report(cfg, cfg_path, runs, rows, fig3, fig4, metrics, run_info, data_desc,
         f"convention, k={cfg.model.lrn_k}), dropout {cfg.model.dropout} ({cfg.model.dropout_mode}), init "
         f"N(0, {cfg.model.init_std}^2) with biases {cfg.model.init_bias}.",
         f"- **Schedule:** `{cfg_path.name}`: batch {cfg.batch_size}, {cfg.epochs} epochs"
-        + (f" (capped at {cfg.max_minutes:g} minutes)" if cfg.max_minutes else "")
-        + (f" (capped at {cfg.max_steps} steps)" if cfg.max_steps else "")
+        + _caps(cfg)
         + f", eps {cfg.optim.lr} ({cfg.optim.schedule} schedule), momentum {cfg.optim.momentum}, "
         f"weight decay {cfg.optim.weight_decay}; {tr[-1]['step'] if tr else 0} steps in "
         f"{1 + (tr[-1]['epoch'] if tr else 0)} epochs, {train_minutes:.1f} min (this invocation).",
