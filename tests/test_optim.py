@@ -36,6 +36,32 @@ def test_update_rule_by_hand_across_a_drop():
     assert not torch.allclose(p.detach(), q.detach(), atol=1e-6)
 
 
+def test_a_drop_that_scales_the_velocity_is_torch_sgd_across_the_drop():
+    """drop_velocity "scale": dividing v with eps makes the paper's update exactly torch.optim.SGD's
+    (eps outside the velocity) on both sides of the drop; "keep" (above) does not."""
+    w0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    p, q = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt = PaperSGD([p], lr=0.01, momentum=0.9, weight_decay=5e-4)
+    tsgd = torch.optim.SGD([q], lr=0.01, momentum=0.9, weight_decay=5e-4)
+    grads = [torch.tensor([0.3, -0.1, 2.0]), torch.tensor([-1.0, 0.5, 0.2]), torch.tensor([0.7, 0.7, -0.3]),
+             torch.tensor([0.1, -0.4, 0.9])]
+    for i, g in enumerate(grads):
+        if i == 2:
+            assert drop_lr(opt, 10.0, velocity="scale") == pytest.approx(0.001)
+            tsgd.param_groups[0]["lr"] = 0.001
+        p.grad, q.grad = g.double(), g.double()
+        opt.step()
+        tsgd.step()
+        assert torch.allclose(p.detach(), q.detach(), rtol=0, atol=1e-15)
+
+
+def test_drop_velocity_must_be_keep_or_scale():
+    from splitnet.train.config import ConfigError, OptimConfig
+    assert OptimConfig().drop_velocity == "keep"  # the paper's rule unless an experiment says otherwise
+    with pytest.raises(ConfigError, match="drop_velocity: 'halve'"):
+        OptimConfig(drop_velocity="halve")
+
+
 def test_same_as_torch_sgd_while_lr_constant():
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(10, dtype=torch.float64))

@@ -286,6 +286,14 @@ def test_budget_drops_divide_eps_as_the_budget_runs_out(c32, tmp_path):
     train(_cfg(c32, "max_steps=10", "optim.budget_drops=[0.5, 0.8]", 'optim.schedule="none"'), out, progress=False)
     assert [m["lr"] for m in _train_recs(out)] == pytest.approx([0.02] * 5 + [0.002] * 3 + [0.0002] * 2)
     assert ckpt.load(out / "checkpoint.pt")["state"]["budget_drops"] == 2
+    # The same run with drop_velocity "scale": the same eps history, other weights (the velocity is
+    # divided at each drop; test_optim.py holds the rule to torch.optim.SGD).
+    scaled = tmp_path / "scaled"
+    train(_cfg(c32, "max_steps=10", "optim.budget_drops=[0.5, 0.8]", 'optim.schedule="none"',
+               'optim.drop_velocity="scale"'), scaled, progress=False)
+    assert [m["lr"] for m in _train_recs(scaled)] == [m["lr"] for m in _train_recs(out)]
+    assert [m["loss"] for m in _train_recs(scaled)][:6] == [m["loss"] for m in _train_recs(out)][:6]
+    assert [m["loss"] for m in _train_recs(scaled)][6:] != [m["loss"] for m in _train_recs(out)][6:]
     with pytest.raises(Exception, match="budget_drops: increasing fractions"):
         _cfg(c32, "optim.budget_drops=[0.9, 0.5]")
 

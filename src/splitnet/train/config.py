@@ -44,6 +44,10 @@ class OptimConfig:
     # or max_steps) are spent, e.g. [0.75, 0.9]: a capped run ends at a small eps, stably, even when
     # it is too short for the schedule above to fire. () = off.
     budget_drops: tuple = ()
+    # What a drop does to the velocity: "keep" (the paper's update, eps inside v: the steps it holds
+    # keep their size and decay over ~10 steps) or "scale" (divided with eps; not the paper's; for
+    # short runs whose drops come at the edge of stability, experiments/reproduce.toml).
+    drop_velocity: str = "keep"
     # precision "fp16"/"fp16_cl" only: the loss scaler's first scale (train/scaler.py; it then halves
     # on each overflowing step and doubles after 2000 steps without one). A power of two keeps the
     # unscaling exact. Not resume-safe: the scale a run has reached is in its checkpoint.
@@ -52,6 +56,8 @@ class OptimConfig:
     def __post_init__(self):
         if self.schedule not in ("plateau", "milestones", "none"):
             raise ConfigError(f"schedule: {self.schedule!r} is not 'plateau', 'milestones' or 'none'")
+        if self.drop_velocity not in ("keep", "scale"):
+            raise ConfigError(f"drop_velocity: {self.drop_velocity!r} is not 'keep' or 'scale'")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if self.patience < 1:

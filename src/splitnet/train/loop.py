@@ -426,7 +426,7 @@ def _budget_drops(run: Run, elapsed: float) -> None:
     due = sum(f <= budget_fraction(cfg, st.step, elapsed) for f in cfg.optim.budget_drops)
     while st.budget_drops < due:
         st.budget_drops += 1
-        st.lr = drop_lr(run.opt, cfg.optim.factor)
+        st.lr = drop_lr(run.opt, cfg.optim.factor, cfg.optim.drop_velocity)
         if run.rt.is_main:
             log.info("step %d: %d%% of the budget spent; learning rate divided by %g -> %g", st.step,
                      round(100 * cfg.optim.budget_drops[st.budget_drops - 1]), cfg.optim.factor, st.lr)
@@ -442,7 +442,7 @@ def end_of_epoch(run: Run) -> None:
     # The plateau rule counts evaluations: an epoch without one is not a non-improving epoch, so
     # the drops do not depend on eval_every's phase or on where a run was resumed.
     if run.sched is not None and run.sched.step(e, fresh["val_top1_err"] if fresh else None):
-        st.lr = drop_lr(run.opt, cfg.optim.factor)
+        st.lr = drop_lr(run.opt, cfg.optim.factor, cfg.optim.drop_velocity)
         if run.rt.is_main:
             log.info("epoch %d: learning rate divided by %g -> %g", e, cfg.optim.factor, st.lr)
     if run.sched is not None:
