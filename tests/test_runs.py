@@ -298,6 +298,16 @@ def test_budget_drops_divide_eps_as_the_budget_runs_out(c32, tmp_path):
         _cfg(c32, "optim.budget_drops=[0.9, 0.5]")
 
 
+def test_budget_drops_count_the_drops_the_schedule_made(c32, tmp_path):
+    """A schedule drop before a budget fraction stands in for that fraction's drop (no stacking):
+    milestone after epoch 0 (step 10), budget fractions 0.6 and 0.8 of 20 steps (steps 12 and 16)."""
+    out = tmp_path / "r"
+    train(_cfg(c32, "max_steps=20", "optim.budget_drops=[0.6, 0.8]", 'optim.schedule="milestones"',
+               "optim.milestones=[1]"), out, progress=False)
+    assert [m["lr"] for m in _train_recs(out)] == pytest.approx([0.02] * 10 + [0.002] * 6 + [0.0002] * 4)
+    assert ckpt.load(out / "checkpoint.pt")["state"]["budget_drops"] == 1
+
+
 def test_train_state_round_trips_through_a_checkpoint():
     from splitnet.train.state import TrainState
     st = TrainState(step=7, epoch=2, batch=3, lr=0.5, elapsed_s=12.5, schedule={"best": 0.3, "bad_epochs": 1,
