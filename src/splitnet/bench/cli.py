@@ -186,8 +186,7 @@ def _print(res: dict) -> None:
           " on: the ends of the median's 95% CI, shown in [])")
     for g in res.get("goals", []):
         v = "not measured" if g["value"] is None else f"{g['value']:.3g}"
-        rng = f"[{_interval(g['ci95'])}]" if g.get("ci95") else (
-            f"{g['spread'][0]:.3g}..{g['spread'][1]:.3g}" if g["spread"] else "")
+        rng = f"[{_interval(g['ci95'])}]" if g.get("ci95") else (_interval(g["spread"]) if g["spread"] else "")
         verdict = g["verdict"].upper() if g["met"] is False else g["verdict"]
         print(f"  {g['goal']:<58}{g['target']:>9}  {v:>12} {rng:>14}  {verdict}")
 

@@ -65,8 +65,9 @@ class _LRN(torch.autograd.Function):
     padded copy, and that pooling's backward) took about a third of a CPU training step; this takes
     about 40% less time (bench). Backward: dL/da_j = g_j d_j^-beta
     - 2 beta alpha a_j sum_{i: j in N(i)} g_i a_i d_i^(-beta-1), the inner sum over the mirrored window.
-    The constants alpha and 2 beta alpha scale the window sums' bands, and the last step is one
-    addcmul: two passes fewer over the maps than writing each product out.
+    The constants alpha and 2 beta alpha scale the window sums' bands, and the backward's last step
+    is one addcmul: one pass over the maps fewer forward and two fewer backward than writing each
+    product out.
     Tests hold it to the formula, to torch's version (values and gradients) and to gradcheck.
     """
 
