@@ -88,7 +88,7 @@ def reproduce(out, data=None, config=None, sets=(), seeds: int = 1) -> Path:
 
 
 def _caps(cfg) -> str:
-    """" (capped at 324 steps or 30 minutes, whichever comes first)", or "" for an uncapped run."""
+    """" (capped at 486 steps or 45 minutes, whichever comes first)", or "" for an uncapped run."""
     caps = ([f"{cfg.max_steps} steps"] if cfg.max_steps else []) + (
         [f"{cfg.max_minutes:g} minutes"] if cfg.max_minutes else [])
     return f" (capped at {' or '.join(caps)}{', whichever comes first' if len(caps) > 1 else ''})" if caps else ""
