@@ -15,6 +15,7 @@ from splitnet.experiments.ablate import experiment_names, load_experiment, run_a
 from splitnet.config import ConfigError
 from splitnet.data import ensure_cache, make_synthetic
 from splitnet.data.config import DataConfig
+from splitnet.train.evaluate import evaluate_checkpoints
 from splitnet.train.loop import train
 from splitnet.experiments.fig1 import FourLayerCNN, balanced_indices, epochs_to, small_images, train_error
 from splitnet.model.layout import LAYER_NAMES, get_layout, init_gain_factors
@@ -124,6 +125,28 @@ def test_cifar_suite_runner_two_jobs(tiny32, tmp_path):
     # Each run recorded the geometry it was built with, and trained single-threaded beside the other.
     run_cfg = (tmp_path / "runs" / "paper-seed1" / "config.toml").read_text()
     assert 'geometry = "cifar"' in run_cfg and "threads = 1" in run_cfg and "seed = 1" in run_cfg
+    # Each worker evaluated its own run; the table's errors are those of an evaluation made here.
+    run = tmp_path / "runs" / "no-lrn-seed1"
+    kept = json.loads((run / "final_eval.json").read_text())["rows"]
+    here = {r["patches"]: r for r in evaluate_checkpoints([run], ten=True, batch_size=20)}
+    assert [(r["top1_err"], r["top5_err"]) for r in kept] == [(here[p]["top1_err"], here[p]["top5_err"]) for p in (1, 10)]
+    assert rows[1]["per_seed"][1]["ten_top1_err"] == here[10]["top1_err"]
+
+
+def test_a_runs_final_evaluation_is_kept_until_its_checkpoint_changes(tiny32, tmp_path, monkeypatch):
+    from splitnet.experiments import ablate
+    run = tmp_path / "run"
+    sets = ["batch_size=8", "max_steps=1", "data.workers=0", "eval_batch_size=20"]
+    train(load_experiment("paper", str(tiny32), sets, "cifar")[0], run)
+    first = ablate._final_eval(run, 20)
+    assert set(first) == {1, 10} and (run / "final_eval.json").is_file()
+    calls = []
+    real = ablate.evaluate_checkpoints
+    monkeypatch.setattr(ablate, "evaluate_checkpoints", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert ablate._final_eval(run, 20) == first and not calls  # kept: the same checkpoint
+    train(out=run, resume=True, sets=["max_steps=2"])  # trains on: a new checkpoint.pt
+    again = ablate._final_eval(run, 20)
+    assert len(calls) == 1 and again[10]["top1_err"] == real([run], ten=True, batch_size=20)[1]["top1_err"]
 
 
 def test_a_crop_that_is_not_the_models_input_is_refused(tiny32, tmp_path):

@@ -36,7 +36,7 @@ from ..train.config import apply_sets, load_config
 from ..train.evaluate import evaluate_checkpoints
 from ..train.loop import check_same_experiment, train_or_resume
 from ..train.memory import keep_freed_memory
-from ..train.rundir import read_metrics, run_done
+from ..train.rundir import atomic_write_text, read_metrics, run_done
 from .fig1 import figure1
 from .figures import colour_specificity, conv1_columns
 from .locate import experiments_dir
@@ -149,8 +149,37 @@ def step_times(paper_cfg, cfgs: dict, reps: int = 2) -> dict:
 
 
 def _train_run(cfg_dict: dict, run: str) -> str:
-    """Train (or resume, or keep) one run to its end; in a worker process under --jobs. Returns its status."""
-    return train_or_resume(load_config(None, (), base=cfg_dict), run)["status"]
+    """Train (or resume, or keep) one run to its end, then evaluate its final weights (_final_eval);
+    in a worker process under --jobs, so each run's evaluation takes its worker's core beside the
+    other runs instead of this process's threads on top of them. Returns the run's status."""
+    cfg = load_config(None, (), base=cfg_dict)
+    status = train_or_resume(cfg, run)["status"]
+    if status != "interrupted":
+        try:
+            _final_eval(Path(run), cfg.eval_batch_size)
+        except KeyboardInterrupt:  # ^C during the evaluation: the run is saved; evaluated next time
+            return "interrupted"
+    return status
+
+
+FINAL_EVAL = "final_eval.json"
+
+
+def _final_eval(run: Path, batch_size: int) -> dict:
+    """{1: centre row, 10: ten-patch row} of evaluate_checkpoints for the run's final weights, computed
+    once: kept in RUN/final_eval.json with the size and time stamp of the checkpoint.pt it evaluated,
+    and used as long as checkpoint.pt is that file (a resume that trains on writes a new one)."""
+    ck = Path(run) / "checkpoint.pt"
+    st = ck.stat()
+    key = {"checkpoint_bytes": st.st_size, "checkpoint_mtime_ns": st.st_mtime_ns}
+    path = Path(run) / FINAL_EVAL
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if {k: kept.get(k) for k in key} == key:
+            return {r["patches"]: r for r in kept["rows"]}
+    rows = evaluate_checkpoints([run], split="val", ten=True, batch_size=batch_size)
+    atomic_write_text(path, json.dumps({**key, "rows": rows}, indent=2))
+    return {r["patches"]: r for r in rows}
 
 
 def _train_all(tasks: list, jobs: int, on_done) -> None:
@@ -231,10 +260,7 @@ def _run_pool(pool, queue, jobs: int, threads: int, on_done) -> None:
 def _result_row(name: str, cfg, meta: dict, runs: list, rel_time) -> dict:
     """One table row: costs from the layout, errors (centre and ten patches) per seed and their
     spread, training speed, and Figure 3's colour specificity per column per seed."""
-    rows = []
-    for run in runs:
-        r = evaluate_checkpoints([run], split="val", ten=True, batch_size=cfg.eval_batch_size)
-        rows.append({p["patches"]: p for p in r})
+    rows = [_final_eval(run, cfg.eval_batch_size) for run in runs]
     res = {"name": name, **_static(cfg, runs[0])}
     metrics = [read_metrics(run) for run in runs]
     seconds, colours = [], []
