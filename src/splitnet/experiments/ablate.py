@@ -173,12 +173,11 @@ def _final_eval(run: Path, batch_size: int) -> dict:
     st = ck.stat()
     key = {"checkpoint_bytes": st.st_size, "checkpoint_mtime_ns": st.st_mtime_ns}
     path = Path(run) / FINAL_EVAL
-    if path.is_file():
-        kept = json.loads(path.read_text())
-        if {k: kept.get(k) for k in key} == key:
-            return {r["patches"]: r for r in kept["rows"]}
-    rows = evaluate_checkpoints([run], split="val", ten=True, batch_size=batch_size)
-    atomic_write_text(path, json.dumps({**key, "rows": rows}, indent=2))
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    rows = kept["rows"] if {k: kept.get(k) for k in key} == key else None
+    if rows is None:
+        rows = evaluate_checkpoints([run], split="val", ten=True, batch_size=batch_size)
+        atomic_write_text(path, json.dumps({**key, "rows": rows}, indent=2))
     return {r["patches"]: r for r in rows}
 
 
