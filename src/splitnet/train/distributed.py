@@ -291,8 +291,10 @@ def gather_columns(model, optimizer, mesh: Mesh):
 # ---- failures: what happened, and where ---------------------------------------------------------
 _FAILED_KEY = "splitnet/failed/{}"
 # How a collective reports a peer that died or hung: gloo raises plain RuntimeErrors from its transport
-# ("Connection closed by peer", "Timed out waiting ... for recv"), NCCL DistBackendErrors.
-_COLLECTIVE_MARKS = ("gloo/transport", "Connection closed by peer", "Timed out waiting", "NCCL", "ProcessGroup")
+# ("Connection closed by peer", "Timed out waiting ... for recv", and "Application timeout caused pair
+# closure" when the timeout fires inside a backward collective), NCCL DistBackendErrors.
+_COLLECTIVE_MARKS = ("gloo/transport", "Connection closed by peer", "Timed out waiting", "pair closure", "NCCL",
+                     "ProcessGroup")
 
 
 def is_collective_failure(e: BaseException) -> bool:
