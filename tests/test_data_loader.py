@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from splitnet.data import DataConfig, PackedDataset, ensure_cache, epoch_order, make_loader, prepare
+from splitnet.data import DataConfig, PackedDataset, ensure_cache, epoch_order, eval_order, make_loader, prepare
 from splitnet.data import pipeline as P
 from splitnet.data import preparation
 
@@ -178,5 +178,28 @@ def test_evaluation_shards_cover_the_validation_set(cache):
         assert torch.equal(torch.cat(got), full)
     with pytest.raises(ValueError, match="evaluation only"):
         make_loader(cache, "train", 4, train=True, rows=(0, 4))
+    with pytest.raises(ValueError, match="evaluation only"):
+        make_loader(cache, "train", 4, train=True, images=6)
     with pytest.raises(ValueError, match="rows outside a batch"):
         make_loader(cache, "train", 4, share=(3, 2))
+
+
+def test_capped_evaluation_samples_every_class(cache):
+    """images=n (eval_max_batches): n images spread evenly over the class-sorted split, every class in
+    proportion, not the first n (the first class only); replica shards of them add up to them."""
+    ds = PackedDataset(cache, "train")  # 21 images, class-sorted: 7 ants, 7 bees, 7 cows
+    assert np.all(np.diff(ds.labels) >= 0)
+    full = torch.cat([x for x, _ in make_loader(cache, "train", 4, train=False, workers=0, dataset=ds)])
+    for n in (3, 6, 12, 21):
+        want = [i * 21 // n for i in range(n)]
+        assert eval_order(21, n).tolist() == want
+        xs, ys = zip(*make_loader(cache, "train", 4, train=False, workers=0, dataset=ds, images=n))
+        assert torch.equal(torch.cat(xs), full[want])
+        assert np.bincount(torch.cat(ys).numpy(), minlength=3).tolist() == [n // 3] * 3
+        cuts = (0, n // 2, n)
+        shards = [torch.cat([x for x, _ in make_loader(cache, "train", 4, train=False, workers=0, dataset=ds,
+                                                        images=n, rows=(lo, hi))]) for lo, hi in zip(cuts, cuts[1:])]
+        assert torch.equal(torch.cat(shards), full[want])
+    for bad in (0, 22):
+        with pytest.raises(ValueError, match=f"evaluating {bad} of 21 images"):
+            eval_order(21, bad)

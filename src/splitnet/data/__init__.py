@@ -13,11 +13,11 @@ transforms.py holds the paper's transforms, one small function each.
 from .cache import is_cache
 from .config import DataConfig, DataError
 from .device_input import DeviceBatches
-from .loader import BatchLoader, PackedDataset, epoch_order, make_loader
+from .loader import BatchLoader, PackedDataset, epoch_order, eval_order, make_loader
 from .preparation import prepare
 from .resolve import data_home, ensure_cache, resolve_data
 from .synth import make_synthetic
 
-__all__ = ["DataConfig", "DataError", "PackedDataset", "BatchLoader", "make_loader", "epoch_order", "prepare",
+__all__ = ["DataConfig", "DataError", "PackedDataset", "BatchLoader", "make_loader", "epoch_order", "eval_order", "prepare",
            "ensure_cache", "resolve_data", "data_home", "is_cache", "make_synthetic",
            "DeviceBatches"]

@@ -97,6 +97,16 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def eval_order(size: int, n: int) -> torch.Tensor:
+    """The images an evaluation of n of a split's `size` images reads, in this order (int64 [n]):
+    all of them (n = size), else n spread evenly over the split (image i * size // n). Caches are
+    class-sorted, so the first n images would be the first classes only; spread evenly, a capped
+    evaluation samples every class in proportion to its images."""
+    if not 0 < n <= size:
+        raise ValueError(f"evaluating {n} of {size} images: need 0 < n <= {size}")
+    return torch.arange(n, dtype=torch.int64) * size // n
+
+
 class _Batches(Dataset):
     """Item k = the finished batch k of one epoch (the DataLoader sees whole batches)."""
 
@@ -153,7 +163,7 @@ def make_loader(cache_dir, split: str, batch_size: int, seed: int = 0, epoch: in
                 workers: int | None = None, start_batch: int = 0, cfg: DataConfig | None = None,
                 ten_patches: bool = False, drop_last: bool | None = None, pin_memory: bool = False,
                 dataset: PackedDataset | None = None, raw: bool = False, share: tuple | None = None,
-                rows: tuple | None = None) -> BatchLoader:
+                rows: tuple | None = None, images: int = 0) -> BatchLoader:
     """Batches of split `split` of the cache (§4.1).
 
     train=True: shuffled by (seed, epoch), augmented per cfg -> float32 [B, 3, 224, 224].
@@ -165,8 +175,9 @@ def make_loader(cache_dir, split: str, batch_size: int, seed: int = 0, epoch: in
     raw=True: the batches as cached, not yet augmented: (uint8 [B, 3, S, S], labels, AugmentParams)
     when training, (uint8, labels) otherwise; device_input.DeviceBatches finishes them on a GPU.
     share=(offset, n): of each batch, build only rows offset..offset+n-1 (a data-parallel replica's
-    slice; the epoch's batches and augmentations are the whole batch's). rows=(lo, hi): evaluation
-    only, the images lo..hi-1 in cache order (one replica's shard of the validation set).
+    slice; the epoch's batches and augmentations are the whole batch's). Evaluation only: images=n
+    reads n of the split's images spread evenly over it (eval_order; 0: all, in cache order), and
+    rows=(lo, hi) only positions lo..hi-1 of those (one replica's shard of the validation set).
     """
     cfg = cfg or DataConfig()
     ds = dataset if dataset is not None else PackedDataset(cache_dir, split)
@@ -176,13 +187,15 @@ def make_loader(cache_dir, split: str, batch_size: int, seed: int = 0, epoch: in
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     if share is not None and not (0 <= share[0] and share[1] >= 1 and share[0] + share[1] <= batch_size):
         raise ValueError(f"share {share}: rows outside a batch of {batch_size}")
-    if rows is not None and train:
-        raise ValueError("rows: evaluation only (a training replica takes a share of every batch)")
+    if (rows is not None or images) and train:
+        raise ValueError("rows, images: evaluation only (a training replica takes a share of every batch)")
     n = len(ds) if rows is None else rows[1] - rows[0]
     drop_last = train if drop_last is None else drop_last
     n_batches = n // batch_size if drop_last else -(-n // batch_size)
     if not 0 <= start_batch <= n_batches:
         raise ValueError(f"start_batch {start_batch} outside 0..{n_batches} (batches in this epoch)")
-    order = epoch_order(n, seed, epoch) if train else torch.arange(n) + (rows[0] if rows else 0)
+    lo = rows[0] if rows else 0
+    order = epoch_order(n, seed, epoch) if train else (
+        eval_order(len(ds), images) if images else torch.arange(len(ds)))[lo:lo + n]
     batches = _Batches(ds, order, batch_size, n_batches, seed, epoch, train, ten_patches, cfg, raw, share)
     return BatchLoader(batches, start_batch, cfg.workers if workers is None else workers, pin_memory)

@@ -82,7 +82,7 @@ class TrainConfig:
     devices: tuple = ()  # one device per column, or () to pick (GPUs if present, else CPU)
     eval_every: int = 1  # evaluate on the validation set every this many epochs
     eval_batch_size: int = 64
-    eval_max_batches: int = 0  # cap on validation batches per evaluation (0: all)
+    eval_max_batches: int = 0  # cap on validation batches per evaluation, spread over the classes (0: all)
     eval_at_stop: bool = True  # evaluate when max_steps / max_minutes stop a run mid-epoch
     checkpoint_every: int = 0  # also checkpoint every this many steps (0: at each epoch end only)
     log_every: int = 10  # progress lines every this many steps when output is not a terminal

@@ -129,16 +129,18 @@ def _input_on_device(cfg: TrainConfig, model) -> bool:
 
 
 def input_batches(model, cache, split: str, batch_size: int, cfg: TrainConfig, ds=None, epoch: int = 0,
-                  train: bool = False, start_batch: int = 0, ten: bool = False, share=None, rows=None):
+                  train: bool = False, start_batch: int = 0, ten: bool = False, share=None, rows=None,
+                  images: int = 0):
     """The batches of `split` for `model`: training (epoch `epoch` from batch `start_batch`) or
     evaluation (centre or ten patches), finished where the run's input_device says: by the
     workers, or on the model's first device from the uint8 cache, one batch ahead. The same batches
-    either way. share / rows: a replica's rows of each batch / its images (loader.make_loader)."""
+    either way. share / rows / images: a replica's rows of each batch / its shard of the evaluated
+    images / how many of the split's images are evaluated (loader.make_loader)."""
     dev = model.devices[model.local[0]]
     on_device = _input_on_device(cfg, model)
     loader = make_loader(cache, split, batch_size, cfg.seed, epoch, train=train, start_batch=start_batch,
                          cfg=cfg.data, dataset=ds, ten_patches=ten, raw=on_device, pin_memory=dev.type == "cuda",
-                         share=share, rows=rows)
+                         share=share, rows=rows, images=images)
     if on_device:
         loader = DeviceBatches(loader, dev, model.devices[model.layout.head], cfg.data, train=train,
                                ten_patches=ten)
@@ -146,8 +148,9 @@ def input_batches(model, cache, split: str, batch_size: int, cfg: TrainConfig, d
 
 
 def evaluate_split(model, cache, ds, cfg: TrainConfig, rt=None, ten: bool = False) -> dict:
-    """Centre-patch (or ten-patch) top-1/top-5 error on the validation split: the first
-    eval_max_batches x eval_batch_size images, or all. Under torchrun every rank takes part: each
+    """Centre-patch (or ten-patch) top-1/top-5 error on the validation split: all of it, or with
+    eval_max_batches that many batches' images spread evenly over it (every class in proportion:
+    loader.eval_order). Under torchrun every rank takes part: each
     replica evaluates its shard (rt.eval_rows) and the head columns' miss counts are summed
     (rt.eval_result), which gives the one-process errors exactly. The patches are cut on the device
     where the training input is (input_device): the same batches either way."""
@@ -156,7 +159,8 @@ def evaluate_split(model, cache, ds, cfg: TrainConfig, rt=None, ten: bool = Fals
     if rows[0] == rows[1]:  # more replicas than images: this replica's columns have nothing to do
         misses = dict.fromkeys((1, 5), 0) if model.layout.head in model.local else None
     else:
-        loader = input_batches(model, cache, "val", cfg.eval_batch_size, cfg, ds, ten=ten, rows=rows)
+        loader = input_batches(model, cache, "val", cfg.eval_batch_size, cfg, ds, ten=ten, rows=rows,
+                               images=n if n < len(ds) else 0)
         # The DataLoader draws a base seed from the global RNG: fork it, so that evaluating (or not,
         # at a stop) leaves the global RNG where it was.
         with torch.random.fork_rng(devices=[]):
