@@ -193,7 +193,9 @@ def test_capped_evaluation_samples_every_class(cache):
     for n in (3, 6, 12, 21):
         want = [i * 21 // n for i in range(n)]
         assert eval_order(21, n).tolist() == want
-        xs, ys = zip(*make_loader(cache, "train", 4, train=False, workers=0, dataset=ds, images=n))
+        loader = make_loader(cache, "train", 4, train=False, workers=0, dataset=ds, images=n)
+        assert len(loader) == -(-n // 4)  # n images' batches, none empty
+        xs, ys = zip(*loader)
         assert torch.equal(torch.cat(xs), full[want])
         assert np.bincount(torch.cat(ys).numpy(), minlength=3).tolist() == [n // 3] * 3
         cuts = (0, n // 2, n)

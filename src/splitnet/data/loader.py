@@ -189,7 +189,7 @@ def make_loader(cache_dir, split: str, batch_size: int, seed: int = 0, epoch: in
         raise ValueError(f"share {share}: rows outside a batch of {batch_size}")
     if (rows is not None or images) and train:
         raise ValueError("rows, images: evaluation only (a training replica takes a share of every batch)")
-    n = len(ds) if rows is None else rows[1] - rows[0]
+    n = (images or len(ds)) if rows is None else rows[1] - rows[0]
     drop_last = train if drop_last is None else drop_last
     n_batches = n // batch_size if drop_last else -(-n // batch_size)
     if not 0 <= start_batch <= n_batches:

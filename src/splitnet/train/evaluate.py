@@ -159,8 +159,7 @@ def evaluate_split(model, cache, ds, cfg: TrainConfig, rt=None, ten: bool = Fals
     if rows[0] == rows[1]:  # more replicas than images: this replica's columns have nothing to do
         misses = dict.fromkeys((1, 5), 0) if model.layout.head in model.local else None
     else:
-        loader = input_batches(model, cache, "val", cfg.eval_batch_size, cfg, ds, ten=ten, rows=rows,
-                               images=n if n < len(ds) else 0)
+        loader = input_batches(model, cache, "val", cfg.eval_batch_size, cfg, ds, ten=ten, rows=rows, images=n)
         # The DataLoader draws a base seed from the global RNG: fork it, so that evaluating (or not,
         # at a stop) leaves the global RNG where it was.
         with torch.random.fork_rng(devices=[]):
