@@ -191,3 +191,37 @@ def test_reproduce_and_eval_on_a_native_32_pixel_cache(tiny32, tmp_path):
     assert (tmp_path / "figures" / "figure4_predictions_neighbours.png").stat().st_size > 1000
     rows = evaluate_checkpoints([tmp_path / "run"], split="val", ten=True, batch_size=20)
     assert {r["patches"] for r in rows} == {1, 10} and all(0 <= r["top1_err"] <= 1 for r in rows)
+
+
+def test_ten_patch_evaluation_gives_the_centre_patch_from_the_same_pass(tiny32, tmp_path, monkeypatch):
+    """evaluate_checkpoints(ten=True) reads the centre patch's prediction from the ten-patch pass
+    (patch CENTRE_PATCH): the same probabilities as a centre-only pass, and 10 forward rows per image,
+    not 11."""
+    from splitnet.train import checkpoint as ckpt
+    from splitnet.train.evaluate import input_batches, predict_probs
+    from splitnet.data import PackedDataset, resolve_data
+    run = tmp_path / "run"
+    train(load_experiment("paper", str(tiny32), ["batch_size=8", "max_steps=3", "data.workers=0"], "cifar")[0], run)
+    model, cfg, _ = ckpt.model_from_checkpoint(ckpt.load(run / "checkpoint.pt"))
+    cache, _ = resolve_data(cfg.data)
+    ds = PackedDataset(cache, "val")  # 20 images: batches of 8, 8 and 4
+    alone, y1 = predict_probs(model, input_batches(model, cache, "val", 8, cfg, ds), mode=cfg.precision)
+    mean, y10, centre = predict_probs(model, input_batches(model, cache, "val", 8, cfg, ds, ten=True),
+                                      mode=cfg.precision, centre=True)
+    assert torch.equal(y1, y10)
+    assert torch.allclose(centre, alone, rtol=0, atol=1e-6)
+    # The other patches' predictions differ from the centre's (here by about 6e-4 on average over ten
+    # patches after 3 steps): a wrong patch index would not pass the 1e-6 above.
+    assert (mean - alone).abs().max() > 1e-5
+    rows_seen, real_forward = [], splitnet.SplitAlexNet.forward
+
+    def counting_forward(self, x, *args, **kwargs):
+        rows_seen.append(len(x))
+        return real_forward(self, x, *args, **kwargs)
+    monkeypatch.setattr(splitnet.SplitAlexNet, "forward", counting_forward)
+    rows = {r["patches"]: r for r in evaluate_checkpoints([run], ten=True, batch_size=8)}
+    assert sum(rows_seen) == 10 * len(ds)
+    assert rows[1]["top1_err"] == int((alone.argmax(1) != y1).sum()) / len(ds)
+    assert rows[10]["top1_err"] == int((mean.argmax(1) != y10).sum()) / len(ds)
+    with pytest.raises(ValueError, match="centre patch of 3 patches"):
+        predict_probs(model, [(torch.zeros(2, 3, 3, 24, 24), torch.zeros(2, dtype=torch.long))], centre=True)

@@ -192,7 +192,7 @@ def test_eval_batch_centre_and_ten_patches():
     assert torch.equal(c1, images[:, :, 16:240, 16:240].float() - mean[:, 16:240, 16:240])
     ten = P.eval_batch(images, mean, cfg, ten=True)
     assert ten.shape == (2, 10, 3, 224, 224)
-    assert torch.equal(ten[:, 4], c1)
+    assert torch.equal(ten[:, T.CENTRE_PATCH], c1)  # the centre a ten-patch evaluation reads (evaluate.py)
     diff = images.float() - mean  # aligned: the mean is cropped and mirrored with each patch
     assert torch.equal(ten[:, 1], diff[:, :, 0:224, 32:256])
     assert torch.equal(ten[:, 8], diff[:, :, 32:256, 32:256].flip(-1))

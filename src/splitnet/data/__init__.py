@@ -17,7 +17,8 @@ from .loader import BatchLoader, PackedDataset, epoch_order, eval_order, make_lo
 from .preparation import prepare
 from .resolve import data_home, ensure_cache, resolve_data
 from .synth import make_synthetic
+from .transforms import CENTRE_PATCH
 
 __all__ = ["DataConfig", "DataError", "PackedDataset", "BatchLoader", "make_loader", "epoch_order", "eval_order", "prepare",
            "ensure_cache", "resolve_data", "data_home", "is_cache", "make_synthetic",
-           "DeviceBatches"]
+           "DeviceBatches", "CENTRE_PATCH"]

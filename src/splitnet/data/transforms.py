@@ -43,6 +43,11 @@ def center_patch(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     return images[..., oy:oy + size, ox:ox + size]
 
 
+# The centre patch's index among ten_patches' ten (patch_offsets' order): the input a centre-patch
+# evaluation cuts (center_patch), so a ten-patch pass also gives the centre-patch prediction.
+CENTRE_PATCH = 4
+
+
 def patch_offsets(image_size: int, size: int) -> tuple:
     """The five test positions (§4.1), in this order: top-left, top-right, bottom-left, bottom-right,
     centre; as (dy, dx). For 256/224: (0,0), (0,32), (32,0), (32,32), (16,16)."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from ..config import replace
-from ..data import DeviceBatches, PackedDataset, make_loader, resolve_data
+from ..data import CENTRE_PATCH, DeviceBatches, PackedDataset, make_loader, resolve_data
 from ..data.progress import Progress
 from ..model.precision import autocast, memory_format, tf32
 from .config import TrainConfig
@@ -24,11 +24,13 @@ from .config import TrainConfig
 
 @torch.no_grad()
 def predict_probs(model, batches, max_batches: int = 0, mode: str = "fp32", progress: bool = False,
-                  desc: str = "eval"):
-    """(probabilities [N, C] float32 CPU, labels [N] int64) over `batches` of (x, y).
+                  desc: str = "eval", centre: bool = False):
+    """(probabilities [N, C] float32 CPU, labels [N] int64) over `batches` of (x, y); with centre=True
+    also the centre patch's probabilities [N, C], third.
 
-    x: [B, 3, S, S] (one patch) or [B, P, 3, S, S] (P patches per image: their probabilities are
-    averaged). The model is put in eval mode (paper dropout: outputs x0.5). mode: the numeric mode
+    x: [B, 3, S, S] (one patch: it is the centre patch) or [B, 10, 3, S, S] (ten patches, the order
+    of data/transforms.ten_patches: their probabilities are averaged, and patch CENTRE_PATCH is the
+    centre patch). The model is put in eval mode (paper dropout: outputs x0.5). mode: the numeric mode
     of the forward pass (model/precision.py; a run evaluates in the mode it trains in). progress:
     a bar or periodic lines on stderr (a 50,000-image validation set takes minutes).
     """
@@ -36,7 +38,7 @@ def predict_probs(model, batches, max_batches: int = 0, mode: str = "fp32", prog
     was_training = model.training
     model.eval()
     dev = model.devices[model.local[0]] if hasattr(model, "devices") else next(model.parameters()).device
-    probs, labels = [], []
+    probs, labels, centres = [], [], []
     bar = Progress(_n_batches(batches, max_batches), progress, desc=desc, noun="batches", unit="batch")
     try:
         for i, (x, y) in enumerate(batches):
@@ -44,22 +46,26 @@ def predict_probs(model, batches, max_batches: int = 0, mode: str = "fp32", prog
                 break
             bar.update(1)
             patches = x.shape[1] if x.dim() == 5 else 1
+            if centre and patches not in (1, 10):
+                raise ValueError(f"predict_probs: the centre patch of {patches} patches per image is not defined")
             flat = x.flatten(0, 1) if x.dim() == 5 else x
             logits = _forward_in_chunks(model, flat.to(dev, non_blocking=True), x.shape[0], mode, fmt, dev)
             if logits is None:  # a rank without the head column (distributed): it only takes part
                 continue
-            p = F.softmax(logits.float(), dim=1)
-            p = p.view(x.shape[0], patches, -1).mean(1)  # mean of probabilities, §4.1
-            probs.append(p.cpu())
+            p = F.softmax(logits.float(), dim=1).view(x.shape[0], patches, -1)
+            if centre:
+                centres.append(p[:, CENTRE_PATCH if patches > 1 else 0].cpu())
+            probs.append(p.mean(1).cpu())  # mean of probabilities, §4.1
             labels.append(y.cpu())
     finally:
         bar.close()
         model.train(was_training)
     if not probs:
         if getattr(model, "local", None) is not None and model.layout.head not in model.local:
-            return None, None
+            return (None, None, None) if centre else (None, None)
         raise ValueError("evaluation: no batches (empty validation split?)")
-    return torch.cat(probs), torch.cat(labels)
+    out = torch.cat(probs), torch.cat(labels)
+    return (*out, torch.cat(centres)) if centre else out
 
 
 def _forward_in_chunks(model, flat: torch.Tensor, rows: int, mode: str, fmt, dev):
@@ -195,8 +201,10 @@ def _ck_path(p):
 
 def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64, devices=None,
                          progress: bool | None = None) -> list:
-    """Rows {model, patches, top1_err, top5_err, images}: each checkpoint, then their ensemble.
-    progress: None shows it on an interactive terminal only (show_progress)."""
+    """Rows {model, patches, top1_err, top5_err, images}: each checkpoint (its centre patch, then with
+    `ten` its ten patches), then their ensemble. One pass per checkpoint: with `ten` the centre patch's
+    prediction is read from the ten-patch pass (the same input: CENTRE_PATCH), 10 forward passes per
+    image instead of 11. progress: None shows it on an interactive terminal only (show_progress)."""
     rows, probs = [], {1: [], 10: []}
     labels = None
     class_names = None
@@ -211,14 +219,14 @@ def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64
         ds = PackedDataset(cache, split)
         if ds.classes != classes:
             raise ValueError(f"{cache}: classes differ from those {path} was trained on")
-        for patches in ((1, 10) if ten else (1,)):
-            # In the mode and on the input path the run trained with (its config).
-            loader = input_batches(model, cache, split, batch_size, replace(cfg, data=dcfg), ds, ten=patches == 10)
-            p, y = predict_probs(model, loader, mode=cfg.precision, progress=show_progress(progress),
-                                 desc=f"eval {Path(path).name} ({'centre' if patches == 1 else 'ten'} patches)")
-            labels = y
-            probs[patches].append(p)
-            rows.append(dict(model=str(path), patches=patches, images=len(y), **topk_errors(p, y)))
+        # In the mode and on the input path the run trained with (its config).
+        loader = input_batches(model, cache, split, batch_size, replace(cfg, data=dcfg), ds, ten=ten)
+        p, labels, *centre = predict_probs(model, loader, mode=cfg.precision, progress=show_progress(progress),
+                                           desc=f"eval {Path(path).name} ({'ten' if ten else 'centre'} patches)",
+                                           centre=ten)
+        for patches, q in ((1, centre[0]), (10, p)) if ten else ((1, p),):
+            probs[patches].append(q)
+            rows.append(dict(model=str(path), patches=patches, images=len(labels), **topk_errors(q, labels)))
     if len(paths) > 1:
         for patches, plist in probs.items():
             if plist:
