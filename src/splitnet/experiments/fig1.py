@@ -119,9 +119,10 @@ def epochs_to(x, y, classes: int, act: str, lr: float, target: float = 0.25, max
     """Train (SGD, momentum 0.9, no regularisation) until the training error is <= target.
     Returns {epochs (inf if never), curve (error per epoch), images_per_s, seconds, diverged}."""
     torch.manual_seed(seed)
-    # channels_last (NHWC): the same float32 arithmetic, 1.3x the training rate of NCHW on a CPU for
-    # this network (measured at batch 128, one thread, ReLU and tanh alike). A no-op for x from
-    # small_images.
+    # channels_last (NHWC): 1.3x the training rate of NCHW on a CPU for this network (measured at
+    # batch 128, one thread, ReLU and tanh alike). The same float32 operations, but the convolution
+    # kernels sum in another order, so the curves differ from NCHW's at the rounding level (from the
+    # first epoch in the fourth digit). A no-op for x from small_images.
     model = FourLayerCNN(act, classes, x.shape[-1], init).to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
