@@ -28,9 +28,9 @@ def predict_probs(model, batches, max_batches: int = 0, mode: str = "fp32", prog
     """(probabilities [N, C] float32 CPU, labels [N] int64) over `batches` of (x, y); with centre=True
     also the centre patch's probabilities [N, C], third.
 
-    x: [B, 3, S, S] (one patch: it is the centre patch) or [B, 10, 3, S, S] (ten patches, the order
-    of data/transforms.ten_patches: their probabilities are averaged, and patch CENTRE_PATCH is the
-    centre patch). The model is put in eval mode (paper dropout: outputs x0.5). mode: the numeric mode
+    x: [B, 3, S, S] (one patch) or [B, P, 3, S, S] (P patches per image: their probabilities are
+    averaged). centre=True needs the centre patch: one patch, or ten in the order of
+    data/transforms.ten_patches (patch CENTRE_PATCH). The model is put in eval mode (paper dropout: outputs x0.5). mode: the numeric mode
     of the forward pass (model/precision.py; a run evaluates in the mode it trains in). progress:
     a bar or periodic lines on stderr (a 50,000-image validation set takes minutes).
     """
