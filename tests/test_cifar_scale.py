@@ -169,6 +169,47 @@ def test_balanced_subsets_take_every_class_equally(tiny32):
     assert abs(x.mean().item()) < 1e-3  # mean-subtracted raw pixels (init "paper")
 
 
+def _convnet_pool(x, op):
+    """cuda-convnet's 3/2 pooling, typed from its definition: windows start at 0, 2, 4, ...; there are
+    ceil((side - 3) / 2) + 1 of them, the last may hang over the edge, and an average divides by the
+    pixels inside the image."""
+    n = math.ceil((x.shape[-1] - 3) / 2) + 1
+    out = x.new_empty(*x.shape[:2], n, n)
+    for i in range(n):
+        for j in range(n):
+            win = x[..., 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+            out[..., i, j] = win.amax((-2, -1)) if op == "max" else win.mean((-2, -1))
+    return out
+
+
+@pytest.mark.parametrize("act,side", [("relu", 32), ("tanh", 32), ("relu", 24)])
+def test_figure1_network_is_layers_80sec(act, side):
+    """FourLayerCNN against a reference typed from cuda-convnet's layers-80sec.cfg: conv1 then max
+    pooling with the neuron after it, conv2 and conv3 with the neuron then average pooling, fc64 with
+    the neuron, fc10; ceil-mode pool sizes (32 -> 16 -> 8 -> 4, 24 -> 12 -> 6 -> 3); init stds from
+    the config."""
+    torch.manual_seed(0)
+    model = FourLayerCNN(act, 10, side).double()
+    a = torch.relu if act == "relu" else torch.tanh
+    p = {k: v for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, side, side, dtype=torch.float64) * 60
+    h = a(_convnet_pool(F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=2), "max"))
+    h = _convnet_pool(a(F.conv2d(h, p["conv2.weight"], p["conv2.bias"], padding=2)), "avg")
+    h = _convnet_pool(a(F.conv2d(h, p["conv3.weight"], p["conv3.bias"], padding=2)), "avg")
+    last = {32: 4, 24: 3}[side]
+    assert h.shape == (2, 64, last, last) and p["fc64.weight"].shape == (64, 64 * last * last)
+    ref = a(h.flatten(1) @ p["fc64.weight"].T + p["fc64.bias"]) @ p["fc10.weight"].T + p["fc10.bias"]
+    assert torch.allclose(model(x), ref, rtol=1e-10, atol=1e-12)
+    # channels_last, as epochs_to trains it: the same function.
+    cl = FourLayerCNN(act, 10, side).double().to(memory_format=torch.channels_last)
+    cl.load_state_dict(model.state_dict())
+    assert torch.allclose(cl(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-10, atol=1e-12)
+    for name, std in {"conv1": 1e-4, "conv2": 0.01, "conv3": 0.01, "fc64": 0.1, "fc10": 0.1}.items():
+        w = p[f"{name}.weight"]
+        assert abs(w.std().item() / std - 1) < 0.15, name  # >= 640 weights each: within 15%
+        assert not p[f"{name}.bias"].any(), name
+
+
 def test_running_training_error_counts_the_batches_as_computed(tiny32):
     """With lr 0 nothing changes during the epoch, so the running error equals a full pass's."""
     x, y, classes = small_images(tiny32, "train", 32)
