@@ -158,6 +158,23 @@ def test_figure1_tiny(tiny, tmp_path):
         assert res["ratio_tanh_over_relu"] == t / r
 
 
+def test_figure1_only_runs_figure1_and_no_ablation(tiny, tmp_path, monkeypatch):
+    """`splitnet ablate --figure1-only` measures Figure 1 (what it writes lands in ablations.md) and
+    trains no ablation run; with --no-figure1 it is refused."""
+    from splitnet.cli import main
+    import splitnet.experiments.ablate as ablate
+    calls = []
+    monkeypatch.setattr(ablate, "run_ablations", lambda *a, **k: calls.append("ablations"))
+    monkeypatch.setattr(ablate, "run_figure1", lambda out, data, sets, suite: calls.append((data, suite))
+                        or ablate._append_figure1(Path(out), figure1(tiny, out, lrs=(0.05,), target=0.9,
+                                                                     max_epochs=1, side=16)))
+    assert main(["ablate", "--figure1-only", "--data", str(tiny), "--out", str(tmp_path)]) == 0
+    assert calls == [(str(tiny), "ablations")] and (tmp_path / "figure1.json").exists()
+    assert "## Figure 1" in (tmp_path / "ablations.md").read_text() and not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit):
+        main(["ablate", "--figure1-only", "--no-figure1", "--out", str(tmp_path)])
+
+
 def test_epochs_to_counts_epochs_until_the_target():
     torch.manual_seed(0)
     x = torch.randn(64, 3, 16, 16)

@@ -544,7 +544,10 @@ def register(sub) -> None:
     p.add_argument("--time-reps", type=int, default=2,
                    help="interleaved step pairs per experiment for the step-time column (median)")
     p.add_argument("--list", action="store_true", help="list the suite's experiments and exit")
-    p.add_argument("--no-figure1", action="store_true", help="skip the Figure 1 measurement (ReLU vs tanh)")
+    fig = p.add_mutually_exclusive_group()
+    fig.add_argument("--no-figure1", action="store_true", help="skip the Figure 1 measurement (ReLU vs tanh)")
+    fig.add_argument("--figure1-only", action="store_true",
+                     help="Figure 1 alone, on the suite's training set: no ablation runs")
     p.set_defaults(func=_main)
 
 
@@ -556,6 +559,10 @@ def _main(args) -> int:
         return 0
     if not args.out:
         raise ConfigError("ablate: --out DIR is needed")
+    if args.figure1_only:
+        run_figure1(args.out, args.data, args.sets, suite=args.suite)
+        print((Path(args.out) / "ablations.md").read_text())
+        return 0
     rows = run_ablations(args.out, args.only, args.data, args.seeds, args.sets, time_reps=args.time_reps,
                          suite=args.suite, jobs=args.jobs)
     if not args.no_figure1:
