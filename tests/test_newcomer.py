@@ -30,6 +30,22 @@ def test_setup_cfg_takes_the_version_from_the_package():
     assert "version = attr: splitnet.__version__" in (ROOT / "setup.cfg").read_text()
 
 
+@pytest.mark.parametrize("verbose", [True, False])
+def test_verbose_turns_on_splitnets_debug_lines_only(verbose, monkeypatch):
+    """-v: splitnet's loggers (children included) at DEBUG; every other library's stays at INFO, so
+    matplotlib's font search does not flood a figure-drawing command. The root logger is emptied as
+    in a fresh process (pytest's own handlers would make basicConfig a no-op)."""
+    import logging
+    root, ours = logging.getLogger(), logging.getLogger("splitnet")
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(ours, "level", ours.level)
+    assert main((["-v"] if verbose else []) + ["ablate", "--list"]) == 0
+    assert logging.getLogger("matplotlib.font_manager").getEffectiveLevel() == logging.INFO
+    want = logging.DEBUG if verbose else logging.INFO
+    assert logging.getLogger("splitnet.data.cache").getEffectiveLevel() == want
+
+
 def test_ablate_list_needs_no_out(capsys):
     assert main(["ablate", "--list"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
