@@ -559,16 +559,12 @@ def _main(args) -> int:
         return 0
     if not args.out:
         raise ConfigError("ablate: --out DIR is needed")
-    if args.figure1_only:
-        run_figure1(args.out, args.data, args.sets, suite=args.suite)
-        print((Path(args.out) / "ablations.md").read_text())
-        return 0
-    rows = run_ablations(args.out, args.only, args.data, args.seeds, args.sets, time_reps=args.time_reps,
-                         suite=args.suite, jobs=args.jobs)
+    rows = [] if args.figure1_only else run_ablations(args.out, args.only, args.data, args.seeds, args.sets,
+                                                        time_reps=args.time_reps, suite=args.suite, jobs=args.jobs)
     if not args.no_figure1:
         run_figure1(args.out, args.data, args.sets, suite=args.suite)
     print((Path(args.out) / "ablations.md").read_text())
-    return 0 if rows else 1
+    return 0 if rows or args.figure1_only else 1
 
 
 __all__ = ["run_ablations", "load_experiment", "experiment_names", "apply_sets", "SUITES"]
