@@ -15,3 +15,15 @@ def cache32(tmp_path_factory):
     home = tmp_path_factory.mktemp("cache32")
     root = make_synthetic(home / "syn", seed=5, classes=10, train_per_class=8, val_per_class=2)
     return ensure_cache(root, home, DataConfig(image_size=32))
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Each test starts with the process's torch thread count: training sets it from its config
+    (`threads = 1` in many tests), and a test that reads it (the concurrency strategy "auto" picks
+    by it) must not depend on which tests ran before it in the same process (make test deals the
+    files to several pytest processes, tests/shards.py)."""
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
