@@ -54,8 +54,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $@
 
+# Two pytest processes at once (tests/shards.py: the suite waits on subprocesses that import torch,
+# so one process keeps 2 cores about 1.3 busy); TEST_JOBS=1 for one plain pytest run.
+TEST_JOBS ?= 2
 test: $(ENV_STAMP)
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) tests/shards.py --jobs $(TEST_JOBS)
 
 bench: $(ENV_STAMP)
 	$(PYTHON) -m splitnet bench --out runs/bench.json

@@ -1,0 +1,30 @@
+"""make test's runner (tests/shards.py): every file in exactly one shard, balanced, and a failing or
+empty shard failing the whole run."""
+from pathlib import Path
+
+import shards
+
+
+def test_every_file_is_dealt_once_longest_first():
+    files = [Path(f"test_{c}.py") for c in "abcdefg"]
+    shards.SECONDS.update({"test_a.py": 50, "test_b.py": 30, "test_c.py": 25})  # the rest: DEFAULT_S
+    try:
+        dealt = shards.deal(files, 2)
+        load = [sum(shards.SECONDS.get(f.name, shards.DEFAULT_S) for f in s) for s in dealt]
+    finally:
+        for k in ("test_a.py", "test_b.py", "test_c.py"):
+            shards.SECONDS.pop(k)
+    assert sorted(f for s in dealt for f in s) == sorted(files)
+    assert load == [50 + 2 * shards.DEFAULT_S, 30 + 25 + 2 * shards.DEFAULT_S]
+    assert shards.deal(files[:1], 3) == [[files[0]]]  # no empty shard
+
+
+def test_exit_status_is_a_failing_shards(tmp_path, capsys):
+    (tmp_path / "test_ok.py").write_text("def test_ok():\n    assert True\n")
+    assert shards.main(["--jobs", "2"], root=tmp_path) == 0
+    (tmp_path / "test_bad.py").write_text("def test_bad():\n    assert 1 == 2\n")
+    assert shards.main(["--jobs", "2"], root=tmp_path) == 1
+    out = capsys.readouterr().out
+    last = out.splitlines()[-1]
+    assert "1 passed" in last and "1 failed" in last and "test_bad.py::test_bad" in out
+    assert shards.main(["--jobs", "2"], root=tmp_path / "none") == 5
