@@ -64,6 +64,8 @@ def main(argv=None, root: Path = HERE) -> int:
     if not shards:
         print(f"no test_*.py file in {root}")
         return 5  # what pytest says when it collected nothing
+    print(f"tests/shards.py: {len(shards)} pytest processes at once; each one's output follows when all "
+          f"have ended", flush=True)
     t0, logs, procs, bases = time.time(), [], [], []
     for i, files in enumerate(shards):
         log = tempfile.TemporaryFile(mode="w+")
