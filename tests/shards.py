@@ -76,7 +76,16 @@ def main(argv=None, root: Path = HERE) -> int:
                                        f"--basetemp={base}", *pytest_args, *map(str, files)],
                                       stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
-    codes = [proc.wait() for proc in procs]
+    try:
+        codes = [proc.wait() for proc in procs]
+    except KeyboardInterrupt:  # a terminal's Ctrl-C reached the shards too: print what they said
+        codes = [proc.wait() for proc in procs]
+    _report(shards, logs, codes, bases, time.time() - t0)
+    return next((c for c in codes if c != 0), 0)
+
+
+def _report(shards: list, logs: list, codes: list, bases: list, seconds: float) -> None:
+    """Each shard's output whole, its temporary folder removed if it passed, then one summary line."""
     total: dict = {}
     for i, (files, log, code) in enumerate(zip(shards, logs, codes)):
         log.seek(0)
@@ -91,9 +100,8 @@ def main(argv=None, root: Path = HERE) -> int:
             print(f"---- shard {i + 1}'s temporary files are kept in {bases[i]}")
     summary = ", ".join(f"{n} {k}" for k, n in total.items())
     failed = [i + 1 for i, c in enumerate(codes) if c != 0]
-    print(f"==== {len(shards)} shards: {summary or 'no result line'} in {time.time() - t0:.1f} s"
+    print(f"==== {len(shards)} shards: {summary or 'no result line'} in {seconds:.1f} s"
           + (f"; shard(s) {failed} failed" if failed else ""))
-    return next((c for c in codes if c != 0), 0)
 
 
 if __name__ == "__main__":
