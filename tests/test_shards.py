@@ -1,5 +1,6 @@
 """make test's runner (tests/shards.py): every file in exactly one shard, balanced, and a failing or
 empty shard failing the whole run."""
+import shutil
 from pathlib import Path
 
 import shards
@@ -25,6 +26,9 @@ def test_exit_status_is_a_failing_shards(tmp_path, capsys):
     (tmp_path / "test_bad.py").write_text("def test_bad():\n    assert 1 == 2\n")
     assert shards.main(["--jobs", "2"], root=tmp_path) == 1
     out = capsys.readouterr().out
+    kept = [ln.rsplit(" ", 1)[1] for ln in out.splitlines() if "temporary files are kept in" in ln]
+    assert len(kept) == 1 and Path(kept[0]).is_dir()  # the failed shard's, for a look; the passed one's went
+    shutil.rmtree(kept[0])
     last = out.splitlines()[-1]
     assert "1 passed" in last and "1 failed" in last and "test_bad.py::test_bad" in out
     assert shards.main(["--jobs", "2"], root=tmp_path / "none") == 5
