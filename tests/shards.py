@@ -7,8 +7,8 @@ about 1.3 cores busy. Two at once: 350 s by the clock against 430 s for one (the
 
 Files are dealt longest first, each to the shard with the least work so far, by SECONDS below (about
 what each file's tests took in one pytest process on that box, from --durations; a file not listed
-counts DEFAULT_S): only the balance depends on them. Each shard's output is printed whole when every shard has ended, then one
-summary line. The exit status is 0 only when every shard exited 0 (pytest's 5, no test collected,
+counts DEFAULT_S): only the balance depends on them. Each shard's output is printed whole when every
+shard has ended, then one summary line. The exit status is 0 only when every shard exited 0 (pytest's 5, no test collected,
 is a failure like any other).
 
     python tests/shards.py [--jobs N] [PYTEST_ARGS ...]     # --jobs 1: one plain pytest process

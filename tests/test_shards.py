@@ -6,15 +6,12 @@ from pathlib import Path
 import shards
 
 
-def test_every_file_is_dealt_once_longest_first():
+def test_every_file_is_dealt_once_longest_first(monkeypatch):
     files = [Path(f"test_{c}.py") for c in "abcdefg"]
-    shards.SECONDS.update({"test_a.py": 50, "test_b.py": 30, "test_c.py": 25})  # the rest: DEFAULT_S
-    try:
-        dealt = shards.deal(files, 2)
-        load = [sum(shards.SECONDS.get(f.name, shards.DEFAULT_S) for f in s) for s in dealt]
-    finally:
-        for k in ("test_a.py", "test_b.py", "test_c.py"):
-            shards.SECONDS.pop(k)
+    for name, s in (("test_a.py", 50), ("test_b.py", 30), ("test_c.py", 25)):  # the rest: DEFAULT_S
+        monkeypatch.setitem(shards.SECONDS, name, s)
+    dealt = shards.deal(files, 2)
+    load = [sum(shards.SECONDS.get(f.name, shards.DEFAULT_S) for f in s) for s in dealt]
     assert sorted(f for s in dealt for f in s) == sorted(files)
     assert load == [50 + 2 * shards.DEFAULT_S, 30 + 25 + 2 * shards.DEFAULT_S]
     assert shards.deal(files[:1], 3) == [[files[0]]]  # no empty shard
