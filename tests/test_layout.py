@@ -7,7 +7,7 @@ from splitnet.model.layout import LayerRow, Layout, LayoutError, get_layout, mak
 
 
 def test_builtin_layouts_listed():
-    assert splitnet.layouts() == ["paper", "dense", "towers", "one-gpu", "one-column", "four-columns"]
+    assert splitnet.layouts() == ["paper", "dense", "towers", "one-gpu", "one-column", "four-columns", "owt"]
 
 
 def test_parameter_counts_from_the_paper():

@@ -8,5 +8,12 @@ from .model.placement import DeviceError
 
 __version__ = "0.1.0"
 
+
+def load(run, devices=None, data=None, need_mean: bool = True):
+    """(model, preprocessing) of a run folder: trained, reproduced or imported (pretrained/load.py)."""
+    from .pretrained.load import load as _load  # here: the package's top level stays light
+    return _load(run, devices, data, need_mean)
+
+
 __all__ = ["SplitAlexNet", "ModelConfig", "ConfigError", "Layout", "LayerRow", "LayoutError",
-           "DeviceError", "ExchangeEvent", "record_exchanges", "get_layout", "layouts", "make_layout"]
+           "DeviceError", "ExchangeEvent", "record_exchanges", "get_layout", "layouts", "make_layout", "load"]

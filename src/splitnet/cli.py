@@ -22,7 +22,8 @@ from .train.memory import keep_freed_memory
 
 # Modules that contribute subcommands, in the order `splitnet --help` lists them.
 COMMAND_MODULES = ("splitnet.model.cli", "splitnet.data.cli", "splitnet.train.loop", "splitnet.train.evaluate",
-                   "splitnet.experiments.report", "splitnet.experiments.ablate", "splitnet.bench.cli")
+                   "splitnet.experiments.report", "splitnet.experiments.ablate", "splitnet.pretrained.cli",
+                   "splitnet.bench.cli")
 
 USER_ERRORS = (ConfigError, LayoutError, DeviceError, FileNotFoundError, NotADirectoryError)
 

@@ -32,6 +32,10 @@ class DataConfig:
     # ---- preparation, once (§2) ----
     image_size: int = 256  # shorter side rescaled to this, then the central square is kept
     resample: str = "lanczos"  # Pillow filter for the rescale: lanczos (PIL's old ANTIALIAS), bicubic, bilinear
+    # "shorter": §2's rule, shorter side to image_size then the central square. "squash": the whole
+    # image resized to image_size x image_size, aspect ratio lost (what Caffe's ImageNet tools did;
+    # an imported bvlc_alexnet is evaluated this way).
+    resize: str = "shorter"
     shard_size: int = 1024  # images per memory-mapped shard (the unit of resumption)
     prepare_workers: int = 0  # processes for preparation; 0 = every core
     max_bad_fraction: float = 0.01  # share of unreadable files per split above which preparation stops
@@ -52,6 +56,9 @@ class DataConfig:
     # "aligned": each crop minus the mean image cropped (and mirrored) like it, i.e. the 256x256 mean
     # subtracted before cropping, as §2 orders it. "center": the mean's centre crop, as CC2 did.
     mean_crop: str = "aligned"
+    # A .npy mean image [3, image_size, image_size] (RGB, 0..255) used instead of the cache's own
+    # training mean: an imported network's mean (splitnet import) is the one it was trained with.
+    mean_file: str = ""
 
     # ---- evaluation (§4.1) ----
     # 10: four corners + centre and their mirrors; 1: the centre patch only. For the evaluation code to
@@ -64,6 +71,7 @@ class DataConfig:
     def __post_init__(self):
         _choice(self, "resample", ("lanczos", "bicubic", "bilinear", "box", "hamming"))
         _choice(self, "lighting_units", ("cc2", "unit"))
+        _choice(self, "resize", ("shorter", "squash"))
         _choice(self, "mean_crop", ("aligned", "center"))
         if self.test_patches not in (1, 10):
             raise ConfigError(f"test_patches: must be 1 or 10, got {self.test_patches}")

@@ -73,10 +73,18 @@ def _to_rgb(img: Image.Image, notes: list) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path, size: int = 256, resample: str = "lanczos", max_pixels: int = 89_478_485) -> tuple:
+def target_size(w: int, h: int, size: int, resize: str = "shorter") -> tuple:
+    """(W, H) before the central crop: §2's shorter side `size` ("shorter"), or `size` x `size`
+    whatever the aspect ("squash", Caffe's convert_imageset)."""
+    return rescaled_size(w, h, size) if resize == "shorter" else (size, size)
+
+
+def load_image(path, size: int = 256, resample: str = "lanczos", max_pixels: int = 89_478_485,
+               resize: str = "shorter") -> tuple:
     """(uint8 array [3, size, size] RGB, notes) for the file at `path`; raises BadImage(reason).
 
-    Shorter side rescaled to `size` with filter `resample`, central size x size patch kept (§2).
+    Shorter side rescaled to `size` with filter `resample`, central size x size patch kept (§2);
+    resize="squash": the whole image resized to size x size (target_size).
     `notes` lists what was converted (format, mode, upscaling): the file was packed, not skipped.
     """
     notes = []
@@ -106,7 +114,7 @@ def load_image(path, size: int = 256, resample: str = "lanczos", max_pixels: int
                 expected = _EXT_FORMATS.get(suffix.lower())
                 if expected and img.format and img.format != expected:
                     notes.append(f"{img.format} data in a file named {suffix}")
-                tw, th = rescaled_size(w, h, size)
+                tw, th = target_size(w, h, size, resize)
                 if img.format == "JPEG":
                     # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, keeping >= 2x the target size.
                     img.draft(img.mode, (2 * tw, 2 * th))

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import cache as C
 from . import pipeline as P
-from .config import DataConfig
+from .config import DataConfig, DataError
 from .rng import STREAM_SHUFFLE, derive_seed
 
 _OPEN_SHARDS = 128  # memory maps kept open per process (each holds a file descriptor)
@@ -50,6 +50,21 @@ class PackedDataset(Dataset):
         self.eigvals = torch.from_numpy(st["eigvals"].astype(np.float32))
         self.eigvecs = torch.from_numpy(st["eigvecs"].astype(np.float32))
         self._shards = OrderedDict()  # opened lazily, in each process that reads
+
+    def with_mean(self, mean_file) -> "PackedDataset":
+        """This split with the mean image of `mean_file` (.npy [3, S, S], RGB, 0..255; DataConfig.mean_file)
+        instead of the cache's training mean: an imported network subtracts the mean it was trained with."""
+        import copy
+        try:
+            mean = np.load(mean_file, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"data.mean_file {mean_file}: cannot be read ({e})") from None
+        want = (3, self.image_size, self.image_size)
+        if mean.shape != want:
+            raise DataError(f"data.mean_file {mean_file}: shape {list(mean.shape)}, the cache's images need {list(want)}")
+        out = copy.copy(self)
+        out.mean = torch.from_numpy(mean.astype(np.float32))
+        return out
 
     @property
     def files(self) -> list:
@@ -181,6 +196,8 @@ def make_loader(cache_dir, split: str, batch_size: int, seed: int = 0, epoch: in
     """
     cfg = cfg or DataConfig()
     ds = dataset if dataset is not None else PackedDataset(cache_dir, split)
+    if cfg.mean_file:
+        ds = ds.with_mean(cfg.mean_file)
     if cfg.crop_size > ds.image_size:
         raise ValueError(f"crop_size {cfg.crop_size} is larger than the cache's images ({ds.image_size})")
     if batch_size < 1:

@@ -57,6 +57,7 @@ class ShardTask:
     resample: str
     max_pixels: int
     strict: bool
+    resize: str = "shorter"
 
 
 def _key(settings: dict, split: str, files) -> str:
@@ -75,7 +76,7 @@ def pack_shard(task: ShardTask) -> dict:
     labels, files, skipped, notes_ = [], [], [], []
     for rel, label in task.files:
         try:
-            img, notes = load_image(Path(task.src) / rel, size, task.resample, task.max_pixels)
+            img, notes = load_image(Path(task.src) / rel, size, task.resample, task.max_pixels, task.resize)
         except BadImage as e:
             if task.strict:
                 raise DataError(f"{Path(task.src) / rel}: {e} (strict: stopped at the first unreadable file)") from None
@@ -200,7 +201,7 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
         chunks = [listing.files[i:i + step] for i in range(0, len(listing.files), step)]
         plans[split] = [ShardTask(split, i, tuple((f.rel, f.label) for f in ch), _key(settings, split, ch),
                                   str(src.resolve()), str(out.resolve()), cfg.image_size, cfg.resample,
-                                  cfg.max_image_pixels, cfg.strict) for i, ch in enumerate(chunks)]
+                                  cfg.max_image_pixels, cfg.strict, cfg.resize) for i, ch in enumerate(chunks)]
         _warn_listing(listing)
     if "val" not in listings:
         log.warning("prepare: %s has no val/ folder: the cache will have a training split only", src)

@@ -58,7 +58,8 @@ def ensure_cache(data_root_or_cache, work_dir, cfg: DataConfig | None = None) ->
     out = Path(cfg.cache) if cfg.cache else C.default_cache_dir(path, work_dir)
     if C.is_cache(out):
         info = C.read_info(out)
-        if info.get("src") == str(path.resolve()) and info.get("image_size") == cfg.image_size:
+        same_resize = info.get("settings", {}).get("resize", "shorter") == cfg.resize
+        if info.get("src") == str(path.resolve()) and info.get("image_size") == cfg.image_size and same_resize:
             log.info("data: using the prepared cache %s", out)
             return out
     log.info("data: preparing %s into %s (once; later runs reuse it)", path, out)

@@ -27,8 +27,11 @@ def shard_size_for(n_files: int, shard_size: int) -> int:
 
 def shard_settings(cfg: DataConfig) -> dict:
     """What a shard's content depends on besides its files; part of every shard key."""
-    return {"format": C.FORMAT_VERSION, "image_size": cfg.image_size, "resample": cfg.resample,
-            "max_image_pixels": cfg.max_image_pixels}
+    out = {"format": C.FORMAT_VERSION, "image_size": cfg.image_size, "resample": cfg.resample,
+           "max_image_pixels": cfg.max_image_pixels}
+    if cfg.resize != "shorter":  # only then: the keys of caches prepared before `resize` existed hold
+        out["resize"] = cfg.resize
+    return out
 
 
 # ---- the cache from finished shards ---------------------------------------------------------------

@@ -68,7 +68,7 @@ def _display(img_chw: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int = 5, n_neighbours: int = 6,
-            max_train: int = 20000, batch_size: int = 64, seed: int = 0) -> dict:
+            max_train: int = 20000, batch_size: int = 64, seed: int = 0, model_classes=None, names=None) -> dict:
     """Left: `n_predict` validation images with the model's top-5 labels and probabilities (centre
     patch). Right: `n_query` validation images and the `n_neighbours` training images whose last hidden
     layer (fc7, 4096-d) vectors are nearest in Euclidean distance (§6.1). At most `max_train` training
@@ -78,7 +78,12 @@ def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int 
     import matplotlib.pyplot as plt
 
     train_ds, val_ds = PackedDataset(cache, "train"), PackedDataset(cache, "val")
+    if data_cfg is not None and data_cfg.mean_file:  # an imported network's own mean (splitnet import)
+        train_ds, val_ds = train_ds.with_mean(data_cfg.mean_file), val_ds.with_mean(data_cfg.mean_file)
     classes = train_ds.classes
+    # The model's classes (ids) and their readable names: an imported network's own, else the cache's.
+    ids = list(model_classes or classes)
+    names = list(names or ids)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(val_ds), generator=g)[: n_predict + n_query].tolist()
     dev = model.devices[0]
@@ -116,10 +121,10 @@ def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int 
         ax.set_axis_off()
         ax.set_title(classes[int(v_labels[i])], fontsize=7)
         ax2 = fig.add_subplot(inner[1])
-        p, top = probs[i].topk(min(5, len(classes)))
-        colors = ["tab:red" if int(t) == int(v_labels[i]) else "tab:blue" for t in top]
+        p, top = probs[i].topk(min(5, len(ids)))
+        colors = ["tab:red" if ids[int(t)] == classes[int(v_labels[i])] else "tab:blue" for t in top]
         ax2.barh(range(len(top))[::-1], p.numpy(), color=colors)
-        ax2.set_yticks(range(len(top))[::-1], [classes[int(t)] for t in top], fontsize=6)
+        ax2.set_yticks(range(len(top))[::-1], [names[int(t)][:24] for t in top], fontsize=6)
         ax2.yaxis.tick_right()
         ax2.set_xlim(0, 1)
         ax2.tick_params(axis="x", labelsize=5)
@@ -141,7 +146,7 @@ def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int 
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     same = (torch.tensor(train_ds.labels)[nearest] == v_labels[n_predict:, None]).float().mean().item()
-    top1 = (probs[:n_predict].argmax(1) == v_labels[:n_predict]).float().mean().item()
+    top1 = float(np.mean([ids[int(t)] == classes[int(v)] for t, v in zip(probs[:n_predict].argmax(1), v_labels[:n_predict])]))
     return {"neighbours_same_class": same, "searched_train_images": int(len(pool)),
             "shown_predictions_top1_correct": top1}
 

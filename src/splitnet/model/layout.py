@@ -21,6 +21,8 @@ LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 PAPER_WIDTHS = {"conv1": 96, "conv2": 256, "conv3": 384, "conv4": 384, "conv5": 256,
                 "fc6": 4096, "fc7": 4096}
 PAPER_CROSS = ("conv3", "fc6", "fc7", "fc8")
+# torchvision's AlexNet, Krizhevsky's "One weird trick" (2014) one-tower net: other conv widths, no LRN.
+OWT_WIDTHS = {"conv1": 64, "conv2": 192, "conv3": 384, "conv4": 256, "conv5": 256}
 _KERNELS = {"conv1": (11, 4, 0), "conv2": (5, 1, 2), "conv3": (3, 1, 1), "conv4": (3, 1, 1),
             "conv5": (3, 1, 1)}
 # Effective conv1 input side: a 224 crop plus cuda-convnet's 3-pixel right/bottom pad (or a 227
@@ -437,6 +439,10 @@ def _builtin(num_classes: int, geometry="imagenet") -> dict:
         "one-column": make("one-column", 1, ()),
         # The paper's crossings with the widths divided over four columns.
         "four-columns": make("four-columns", 4, PAPER_CROSS),
+        # torchvision's trained AlexNet (One weird trick, 2014): one column, no LRN, dropout before
+        # fc6 and fc7 (after pool5 and fc6). Its own widths at the imagenet scale, the geometry's elsewhere.
+        "owt": make("owt", 1, (), widths=OWT_WIDTHS if geo.name == "imagenet" else None, lrn_layers=(),
+                    dropout_layers=("conv5", "fc6")),
     }
 
 

@@ -104,3 +104,18 @@ def model_from_checkpoint(ck: dict, devices=None):
                          concurrency=cfg.concurrency)
     restore_model(model, ck)
     return model.eval(), cfg, classes
+
+
+def checkpoint_path(run) -> Path:
+    """RUN/checkpoint.pt for a run folder, or the checkpoint file itself."""
+    p = Path(run)
+    return p / "checkpoint.pt" if p.is_dir() else p
+
+
+def run_data_config(cfg: TrainConfig, ck_path):
+    """The run's DataConfig with a relative data.mean_file (an imported run's mean.npy) read against
+    the run folder, so the folder can move."""
+    d = cfg.data
+    if d.mean_file and not Path(d.mean_file).is_absolute():
+        d = replace(d, mean_file=str(Path(ck_path).parent / d.mean_file))
+    return d

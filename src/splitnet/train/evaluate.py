@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from ..config import replace
+from ..config import ConfigError, replace
 from ..data import CENTRE_PATCH, DeviceBatches, PackedDataset, make_loader, resolve_data
 from ..data.progress import Progress
 from ..model.precision import autocast, memory_format, tf32
@@ -194,11 +194,6 @@ def register(sub) -> None:
     p.set_defaults(func=_main)
 
 
-def _ck_path(p):
-    p = Path(p)
-    return p / "checkpoint.pt" if p.is_dir() else p
-
-
 def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64, devices=None,
                          progress: bool | None = None) -> list:
     """Rows {model, patches, top1_err, top5_err, images}: each checkpoint (its centre patch, then with
@@ -209,12 +204,16 @@ def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64
     labels = None
     class_names = None
     for path in paths:
-        ck = ckpt.load(_ck_path(path))
+        ck = ckpt.load(ckpt.checkpoint_path(path))
         model, cfg, classes = ckpt.model_from_checkpoint(ck, devices)
+        if "imported" in ck and not data:
+            raise ConfigError(f"{path}: an imported network has no data of its own; give --data (e.g. ILSVRC-2012 "
+                              f"as class folders, whose val/ is evaluated)")
         if class_names is not None and classes != class_names:
             raise ValueError(f"{path}: its classes differ from {paths[0]}'s; cannot ensemble them")
         class_names = classes
-        dcfg = replace(cfg.data, root=str(data)) if data else cfg.data
+        base = ckpt.run_data_config(cfg, ckpt.checkpoint_path(path))
+        dcfg = replace(base, root=str(data)) if data else base
         cache, _ = resolve_data(dcfg)
         ds = PackedDataset(cache, split)
         if ds.classes != classes:

@@ -1,0 +1,1 @@
+"""Trained networks in and out: import (Caffe, torchvision), load, predict, export."""
