@@ -82,7 +82,7 @@ def test_imported_bvlc_alexnet_computes_caffes_function(files, form, packed):
     assert model.layout.rows[0].lrn_cross and ref.abs().max() > 10
     assert rel(ours, ref) < 1e-5 and rel(single, ref) < 1e-5
     assert rel(wrong, ref) > 1e-3
-    # The LRN across the columns is an exchange of its own, counted in the table: 2 x 2 border maps.
+    # The LRN across the columns is an exchange of its own, counted in the table (each column sends its conv1 maps).
     assert model.layout.exchange_bytes_per_image()["conv1"] > 0
 
 
@@ -320,3 +320,26 @@ def test_a_mean_file_of_the_wrong_shape_is_named(small_run, cache32):
     np.save(Path(small_run[0]).parent / "bad.npy", np.zeros((3, 8, 8), np.float32))
     with pytest.raises(splitnet.ConfigError, match=r"data.mean_file .*bad.npy: shape \[3, 8, 8\]"):
         PackedDataset(cache32, "val").with_mean(Path(small_run[0]).parent / "bad.npy")
+
+
+def test_a_trained_run_loads_with_its_caches_mean_and_predicts(cache32, tmp_path, capsys):
+    """splitnet.load on a run of `splitnet train`: the mean is its training cache's; predict reads it."""
+    from splitnet.data import PackedDataset
+    from splitnet.train.config import load_config
+    from splitnet.train.loop import train
+    cfg = load_config(ROOT / "experiments" / "cifar.toml", [f'data.root="{cache32}"', "batch_size=8", "data.workers=0",
+                                                              "eval_batch_size=20", "threads=1", "max_steps=2"])
+    train(cfg, tmp_path / "run", progress=False)
+    model, prep = splitnet.load(tmp_path / "run", "cpu")
+    ds = PackedDataset(cache32, "val")
+    assert torch.equal(prep.mean, ds.mean) and prep.crop == 24 and prep.classes == tuple(ds.classes)
+    Image.fromarray(ds.get_batch([0])[0][0].permute(1, 2, 0).numpy()).save(tmp_path / "v0.png")
+    code, out, _ = _cli(capsys, "predict", tmp_path / "v0.png", "--checkpoint", tmp_path / "run", "--json", "--top", "1")
+    with torch.no_grad():
+        p = F.softmax(model(_centre_batch(ds, prep)), 1)[0]
+    assert code == 0 and json.loads(out)[0]["top"][0]["index"] == int(p.argmax())
+
+
+def _centre_batch(ds, prep):
+    from splitnet.data import pipeline as P
+    return P.eval_batch(ds.get_batch([0])[0], ds.mean, prep.data)

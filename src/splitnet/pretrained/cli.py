@@ -50,18 +50,27 @@ def register(sub) -> None:
     f.set_defaults(func=_figures)
 
 
+def _report(src, out) -> int:
+    """What was imported: the layout, its parameters and what crosses between its columns."""
+    from ..model.columns import model_layout
+    from ..train import checkpoint as ckpt
+    from ..config import from_dict
+    cfg = from_dict(ckpt.TrainConfig, ckpt.load(ckpt.checkpoint_path(out))["config"])
+    layout = model_layout(cfg.model.layout, cfg.model)
+    xb = ", ".join(f"{k} {v:,}" for k, v in layout.exchange_bytes_per_image().items()) or "none (one column)"
+    print(f"imported {src} into {out}: layout {layout.name}, {layout.params():,} parameters, crop {cfg.data.crop_size}, "
+          f"resize {cfg.data.resize}; exchange bytes per image (fp32): {xb}")
+    return 0
+
+
 def _import_caffe(args) -> int:
     from .runs import import_caffe
-    out = import_caffe(args.model, args.out, args.mean, args.classes)
-    print(f"imported {args.model} into {out}")
-    return 0
+    return _report(args.model, import_caffe(args.model, args.out, args.mean, args.classes))
 
 
 def _import_torchvision(args) -> int:
     from .runs import import_torchvision
-    out = import_torchvision(args.model, args.out, args.classes)
-    print(f"imported {args.model} into {out}")
-    return 0
+    return _report(args.model, import_torchvision(args.model, args.out, args.classes))
 
 
 def _devices(args):
