@@ -163,6 +163,15 @@ def resume_changes(saved: TrainConfig, new: TrainConfig) -> dict:
     return changed
 
 
+def resume_lr(ck: dict, cfg: TrainConfig) -> float | None:
+    """The eps a resume sets in place of the checkpoint's: cfg.optim.lr where it differs from the lr
+    of the config the checkpoint was written under, else None (the checkpoint's eps stands, with the
+    schedule's drops). Compared with the checkpoint, not with config.toml: a resume of a done run
+    records an lr in config.toml without training a step, and the next resume must train with it."""
+    saved = ck.get("config", {}).get("optim", {}).get("lr")
+    return cfg.optim.lr if saved is not None and cfg.optim.lr != saved else None
+
+
 def _parse_value(text: str):
     try:
         return tomllib.loads(f"v = {text}")["v"]

@@ -31,7 +31,8 @@ from ..data.rng import derive_seed
 from ..model.precision import autocast, memory_format, needs_loss_scaling, tf32
 from ..model.tune import calibrate, worth_calibrating
 from . import checkpoint as ckpt
-from .config import TrainConfig, config_changes, dump_toml, load_config, resume_changes, unsafe_changes
+from .config import (TrainConfig, config_changes, dump_toml, load_config, resume_changes, resume_lr,
+                     unsafe_changes)
 from .evaluate import evaluate_split, input_batches
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
 from .progress import Progress, StopFlag
@@ -222,7 +223,7 @@ def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bo
     sched = _schedule(cfg)
     state = TrainState(lr=cfg.optim.lr)
     if ck is not None:
-        state = _restore(ck, rundir, model, opt, sched, classes, changes)
+        state = _restore(ck, rundir, model, opt, sched, classes, resume_lr(ck, cfg))
     scaler = LossScaler(needs_loss_scaling(cfg.precision), cfg.optim.loss_scale_init)
     scaler.load_state_dict(state.scaler)  # a resume continues at the scale the run had reached
     run = Run(cfg, rundir, rt, model, opt, sched, cache, train_ds, val_ds, classes, state, progress=progress,
@@ -239,8 +240,9 @@ def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bo
     return run
 
 
-def _restore(ck: dict, rundir: RunDir, model, opt, sched, classes, changes) -> TrainState:
-    """Weights, velocities, RNG and TrainState from the checkpoint (an explicit optim.lr override wins)."""
+def _restore(ck: dict, rundir: RunDir, model, opt, sched, classes, lr) -> TrainState:
+    """Weights, velocities, RNG and TrainState from the checkpoint; `lr` (config.resume_lr), if not
+    None, replaces the checkpoint's eps."""
     if list(ck.get("classes", classes)) != list(classes):
         raise RunError(f"{rundir.checkpoint}: trained on {len(ck['classes'])} classes, but the data "
                        f"has {len(classes)} ({', '.join(classes[:5])}...)")
@@ -249,8 +251,8 @@ def _restore(ck: dict, rundir: RunDir, model, opt, sched, classes, changes) -> T
     except ValueError as e:
         raise RunError(f"{rundir.checkpoint}: {e}") from None
     state = TrainState.from_checkpoint(ck)
-    if "optim.lr" in changes:
-        state.lr = changes["optim.lr"][1]
+    if lr is not None:
+        state.lr = lr
         log.info("train: optim.lr set to %g on resume (the checkpoint's eps was %g)", state.lr, float(ck["lr"]))
     for g in opt.param_groups:
         g["lr"] = state.lr
@@ -272,7 +274,8 @@ def _write_start(run: Run, ck, new_run: bool, overwrite: bool, data_desc) -> Non
     if gone:
         log.info("train: removed %d temporary file(s) a killed write left: %s", len(gone), ", ".join(gone))
     atomic_write_text(rundir.config, dump_toml(cfg))
-    Metrics.truncate_to(rundir.metrics, state.step, state.epoch)
+    if budget_reached(cfg, state.step, state.epoch, state.elapsed_s) is None:  # a done run rewrites
+        Metrics.truncate_to(rundir.metrics, state.step, state.epoch)  # nothing: its at_stop eval stays
     if ck is not None:
         log.info("train: resuming %s at step %d (epoch %d, batch %d)", rundir.path, state.step, state.epoch,
                  state.batch)
