@@ -39,6 +39,30 @@ def atomic_save(obj, path) -> None:
         raise CheckpointError(f"could not write {path} ({why}); {kept}") from None
 
 
+def save(payload: dict, path) -> None:
+    """A checkpoint's atomic_save, refused when its weights or velocities hold a NaN or inf: a
+    checkpoint is only ever a state training can go on from (the previous one stays)."""
+    bad = nonfinite(payload)
+    if bad:
+        kept = f"the previous {Path(path).name} is intact" if Path(path).exists() else f"no earlier {Path(path).name} exists"
+        raise CheckpointError(f"not writing {path} at step {payload.get('step', '?')}: {bad}; {kept}. "
+                              f"Lower optim.lr or check the data")
+    atomic_save(payload, path)
+
+
+def nonfinite(ck: dict) -> str | None:
+    """'fc7.weight (velocities) holds 1 value(s) that are not finite (NaN or inf)' for the first
+    tensor of ck["model"] or ck["velocity"] with one, else None."""
+    for part in ("model", "velocity"):
+        for name, t in (ck.get(part) or {}).items():
+            if torch.is_tensor(t) and t.is_floating_point():
+                n = int((~torch.isfinite(t)).sum())
+                if n:
+                    what = "weights" if part == "model" else "velocities"
+                    return f"{name} ({what}) holds {n} value(s) that are not finite (NaN or inf)"
+    return None
+
+
 def rng_state() -> dict:
     st = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -81,6 +105,9 @@ def load(path) -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read: {first[:200]}") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT or "model" not in ck:
         raise CheckpointError(f"checkpoint {path} is not a splitnet checkpoint (format {FORMAT})")
+    bad = nonfinite(ck)
+    if bad:  # a corrupt file or a diverged run: neither evaluating nor training on from it means anything
+        raise CheckpointError(f"checkpoint {path} is unusable: {bad}")
     return ck
 
 

@@ -60,6 +60,13 @@ class OptimConfig:
             raise ConfigError(f"drop_velocity: {self.drop_velocity!r} is not 'keep' or 'scale'")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:  # >= 1: the velocity never decays, the run diverges
+            raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum}")
+        for key in ("weight_decay", "min_delta"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.factor <= 1:  # a "drop" that keeps or raises eps
+            raise ConfigError(f"factor: must be > 1, got {self.factor}")
         if self.patience < 1:
             raise ConfigError(f"patience: must be >= 1, got {self.patience}")
         if self.loss_scale_init <= 0:
@@ -116,9 +123,20 @@ class TrainConfig:
             raise ConfigError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.input_device not in ("auto", "cpu", "device"):
             raise ConfigError(f"input_device: {self.input_device!r} is not 'auto', 'cpu' or 'device'")
-        for key in ("max_steps", "checkpoint_every", "eval_max_batches", "threads"):
+        for key in ("max_steps", "max_minutes", "checkpoint_every", "eval_max_batches", "threads", "dist_bucket_mb"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"dist_timeout_s: must be > 0, got {self.dist_timeout_s}")
+
+
+def check_num_classes(cfg: TrainConfig, classes: list, cache) -> None:
+    """The model is built with the data's class count. A model.num_classes set to another count
+    (the default, the paper's 1000, stands for "the data's") would be silently replaced: refused."""
+    n = cfg.model.num_classes
+    if n != len(classes) and n != ModelConfig.num_classes:
+        raise ConfigError(f"model.num_classes = {n}, but the data ({cache}) has {len(classes)} classes: "
+                          f"leave the key out (the model takes the data's count) or set it to {len(classes)}")
 
 
 # What --set may change on `train --resume`: budgets, evaluation and logging, and where or how fast

@@ -31,7 +31,7 @@ from ..data.rng import derive_seed
 from ..model.precision import autocast, memory_format, needs_loss_scaling, tf32
 from ..model.tune import calibrate, worth_calibrating
 from . import checkpoint as ckpt
-from .config import (TrainConfig, config_changes, dump_toml, load_config, resume_changes, resume_lr,
+from .config import (TrainConfig, check_num_classes, config_changes, dump_toml, load_config, resume_changes, resume_lr,
                      unsafe_changes)
 from .evaluate import evaluate_split, input_batches
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
@@ -102,7 +102,7 @@ class Run:
                        classes=list(self.classes), layout=self.model.layout.name, **self.state.to_checkpoint())
         if velocities:
             payload["velocity"] = velocity
-        ckpt.atomic_save(payload, path)
+        ckpt.save(payload, path)
 
 
 # ---- a run from start to end ---------------------------------------------------------------------
@@ -209,6 +209,7 @@ def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bo
     train_ds = PackedDataset(cache, "train")
     val_ds = PackedDataset(cache, "val") if _has_split(cache, "val") else None
     classes = train_ds.classes
+    check_num_classes(cfg, classes, cache)
     cfg = replace(cfg, model=replace(cfg.model, num_classes=len(classes)))  # what the model is built with
     torch.manual_seed(cfg.seed)  # the init
     model = rt.build_model(cfg, len(classes))
@@ -380,8 +381,8 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> str | None:
     lv, err, signalled, elapsed, overflow = rt.agree(lv, err, run.stop.signal is not None, run.elapsed(), overflow)
     if not math.isfinite(lv):  # in fp16 too: an inf gradient is skipped below, a non-finite loss stops
         raise TrainingError(
-            f"loss is {lv} at step {st.step + 1} (epoch {st.epoch}); stopped. The last good checkpoint "
-            f"({run.dir.checkpoint}, step {_ck_step(run.dir)}) is kept. Lower optim.lr or check the data.")
+            f"loss is {lv} at step {st.step + 1} (epoch {st.epoch}); stopped. {run.dir.what_is_kept()}. "
+            f"Lower optim.lr or check the data.")
     scale = scaler.scale
     _update_or_skip(run, overflow)
     st.step += 1
@@ -415,7 +416,7 @@ def _update_or_skip(run: Run, overflow: bool) -> None:
     if scaler.exhausted:
         raise TrainingError(
             f"gradients overflow at every loss scale (down to {scale:g}) at step {st.step + 1}; stopped. "
-            f"The last good checkpoint ({run.dir.checkpoint}, step {_ck_step(run.dir)}) is kept. "
+            f"{run.dir.what_is_kept()}. "
             f"Lower optim.lr or train in fp32/bf16.")
     if run.rt.is_main:
         log.info("step %d: fp16 gradients overflow at loss scale %g; update skipped, scale -> %g",
@@ -501,13 +502,6 @@ def check_input_geometry(cfg: TrainConfig, model, cache_side: int, cache) -> Non
         raise ConfigError(f"data.crop_size = {cfg.data.crop_size}, but the model (model.geometry = "
                           f"{cfg.model.geometry!r}, input_mode {cfg.model.input_mode!r}) takes "
                           f"{model.input_side}x{model.input_side} crops: set data.crop_size = {model.input_side}")
-
-
-def _ck_step(rundir: RunDir):
-    try:
-        return int(ckpt.load(rundir.checkpoint)["step"])
-    except (FileNotFoundError, ValueError):
-        return "none yet"
 
 
 def _has_split(cache, split: str) -> bool:

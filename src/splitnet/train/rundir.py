@@ -105,6 +105,15 @@ class RunDir:
         for f in RUN_FILES:
             (self.path / f).unlink(missing_ok=True)
 
+    def what_is_kept(self) -> str:
+        """For the message of a run stopped by an error: the checkpoint it can go on from, or, where
+        none was written, how to start it again (the folder holds a run: --out alone refuses it)."""
+        try:
+            step = int(ckpt.load(self.checkpoint)["step"])
+        except (FileNotFoundError, ValueError):
+            return (f"No checkpoint was written yet: start again with --overwrite, or delete {self.path}")
+        return f"The last good checkpoint ({self.checkpoint}, step {step}) is kept"
+
     def start_segment(self, static: dict, segment: dict) -> None:
         """run.json: `static` (data, classes, layout, ...) and one more segment in its history."""
         old = self.read_info()

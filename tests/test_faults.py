@@ -1,0 +1,97 @@
+"""Issue 31: runs that never lie. Each silent wrong result (A, B, E, H, I, M, N) has a test that
+failed before its fix; each bad input or environment fault (C, D, F, G, J, K, L, O, P) is one line
+on stderr, exit 2, naming the file or key, no traceback. The table is docs/faults.md. Tiny runs: the
+CIFAR-scale network on the 32x32 synthetic cache (tests/conftest.py), 10 steps an epoch."""
+import errno
+import json
+import math
+
+import pytest
+import torch
+
+from splitnet.cli import main
+from splitnet.train import checkpoint as ckpt
+from splitnet.train.errors import CheckpointError
+from splitnet.train.loop import train
+from splitnet.train.rundir import read_metrics
+
+from test_runs import CIFAR, _cfg, _cli_sets, _train_recs
+
+
+def _one_line_error(capsys, *needles):
+    """stderr holds one line naming every needle, and no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert str(n) in err, err
+    return err
+
+
+# ---- A: the lr a run trains with is the one its records say -------------------------------------
+def test_an_lr_set_on_a_done_run_is_the_lr_it_trains_with_later(cache32, tmp_path):
+    out = tmp_path / "r"
+    train(_cfg(cache32, "max_steps=2"), out, progress=False)
+    assert train(out=out, resume=True, sets=["optim.lr=0.001"], progress=False)["step"] == 2  # done: no step
+    train(out=out, resume=True, sets=["max_steps=4"], progress=False)
+    assert [m["lr"] for m in _train_recs(out)] == [0.02, 0.02, 0.001, 0.001]
+    assert ckpt.load(out / "checkpoint.pt")["lr"] == 0.001
+
+
+# ---- H: a resume that trains nothing keeps every record ------------------------------------------
+@pytest.mark.parametrize("sets", [[], ['devices=["cpu", "cpu"]'], ["threads=1"]])
+def test_a_resume_of_a_done_run_keeps_its_final_evaluation(cache32, tmp_path, sets):
+    out = tmp_path / "r"
+    train(_cfg(cache32, "max_steps=3"), out, progress=False)  # mid-epoch: evaluated at the stop
+    assert [m.get("at_stop") for m in read_metrics(out) if m["kind"] == "eval"] == [True]
+    train(out=out, resume=True, sets=sets, progress=False)
+    assert [m.get("at_stop") for m in read_metrics(out) if m["kind"] == "eval"] == [True]
+
+
+# ---- B: non-finite weights are refused on load and never written --------------------------------
+@pytest.mark.parametrize("key", ["model", "velocity"])
+def test_a_checkpoint_with_a_nan_is_refused_naming_the_file_and_tensor(cache32, tmp_path, capsys, key):
+    out = tmp_path / "r"
+    train(_cfg(cache32, "max_steps=1"), out, progress=False)
+    path = out / "checkpoint.pt"
+    ck = torch.load(path, weights_only=True)
+    ck[key]["fc7.weight"][3, 5] = math.nan
+    torch.save(ck, path)
+    assert main(["eval", "--checkpoint", str(out)]) == 2
+    _one_line_error(capsys, path, "fc7.weight", "not finite")
+    assert main(["train", "--resume", str(out), "--set", "max_steps=2"]) == 2
+    _one_line_error(capsys, path, "fc7.weight")
+
+
+def test_a_checkpoint_is_never_written_from_non_finite_weights(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    payload = {"format": ckpt.FORMAT, "step": 7, "model": {"conv1.weight": torch.tensor([1.0, math.inf])}}
+    with pytest.raises(CheckpointError, match=r"conv1\.weight.*not finite.*no earlier checkpoint.pt"):
+        ckpt.save(payload, path)
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
+# ---- I: values a run cannot train with are refused naming the key -------------------------------
+@pytest.mark.parametrize("bad, key", [("optim.lr=nan", "optim.lr"), ("optim.lr=inf", "optim.lr"),
+                                      ("max_minutes=-1", "max_minutes"), ("optim.momentum=2", "optim.momentum"),
+                                      ("optim.weight_decay=-1", "optim.weight_decay")])
+def test_values_a_run_cannot_train_with_are_refused(tmp_path, capsys, bad, key):
+    out = tmp_path / "r"
+    assert main(["train", "--config", str(CIFAR), "--out", str(out), "--set", bad]) == 2
+    _one_line_error(capsys, key)
+    assert not out.exists()
+
+
+def test_a_class_count_other_than_the_data_s_is_refused(cache32, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--config", str(CIFAR), "--out", str(out), *_cli_sets(cache32, "model.num_classes=3")]) == 2
+    _one_line_error(capsys, "model.num_classes = 3", "10 classes")
+    assert not out.exists()
+
+
+def test_a_diverged_run_names_what_it_keeps(cache32, tmp_path, capsys):
+    """eps 1e30: the first update throws the weights to inf, the next loss is not finite. No
+    checkpoint exists yet, and the message says so (it said "the last good checkpoint (step none
+    yet) is kept") and how to start again."""
+    out = tmp_path / "r"
+    assert main(["train", "--config", str(CIFAR), "--out", str(out), *_cli_sets(cache32, "optim.lr=1e30")]) == 2
+    _one_line_error(capsys, "No checkpoint was written yet: start again with --overwrite")
