@@ -5,6 +5,7 @@ CIFAR-scale network on the 32x32 synthetic cache (tests/conftest.py), 10 steps a
 import errno
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -95,3 +96,23 @@ def test_a_diverged_run_names_what_it_keeps(cache32, tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["train", "--config", str(CIFAR), "--out", str(out), *_cli_sets(cache32, "optim.lr=1e30")]) == 2
     _one_line_error(capsys, "No checkpoint was written yet: start again with --overwrite")
+
+
+# ---- M: a run records where its data is, not how it was typed -----------------------------------
+def test_a_relative_data_path_is_stored_resolved(cache32, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b" / "c").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(cache32)
+    monkeypatch.chdir(tmp_path / "a")
+    rel = os.path.relpath(cache32)
+    sets = _cli_sets(cache32, "max_steps=1")[2:]  # all but data.root: --data gives it
+    assert main(["train", "--config", str(CIFAR), "--out", "r", "--data", rel, *sets]) == 0
+    monkeypatch.chdir(tmp_path / "b" / "c")  # elsewhere: the recorded path still finds the data
+    out = tmp_path / "a" / "r"
+    assert main(["train", "--resume", str(out), "--set", "max_steps=2"]) == 0
+    assert main(["eval", "--checkpoint", str(out), "--json"]) == 0
+    # the same folder by another spelling (absolute, through a link) is not a change of data.root
+    assert main(["train", "--resume", str(out), "--data", str(tmp_path / "link"), "--set", "max_steps=3"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--data", str(tmp_path), "--set", "max_steps=4"]) == 2
+    _one_line_error(capsys, "data.root: cannot change on resume")
