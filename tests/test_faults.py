@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -116,3 +117,70 @@ def test_a_relative_data_path_is_stored_resolved(cache32, tmp_path, monkeypatch,
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--data", str(tmp_path), "--set", "max_steps=4"]) == 2
     _one_line_error(capsys, "data.root: cannot change on resume")
+
+
+# ---- N, E, D: a run's data, resumed and evaluated -----------------------------------------------
+def _image_folders(root, seed, classes, val, train=8):
+    """ROOT/{train,val}/<class>/*.png: random 32x32 images (a real set in a fraction of a second)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("val", val)):
+        for c in range(classes):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / f"class{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def other_caches(tmp_path_factory):
+    """Four small prepared sets: "ten" (10 classes, 8 train and 2 val images a class), "same" (the
+    same counts, other images), "more_val" (3 val images a class), "five" (5 classes)."""
+    from splitnet.data import DataConfig, ensure_cache
+    home = tmp_path_factory.mktemp("others")
+    return {name: ensure_cache(_image_folders(home / name, seed, classes, val), home / f"{name}-cache",
+                               DataConfig(image_size=32, prepare_workers=1))
+            for name, seed, classes, val in (("ten", 5, 10, 2), ("same", 6, 10, 2), ("more_val", 7, 10, 3),
+                                             ("five", 8, 5, 2))}
+
+
+@pytest.mark.parametrize("other, change", [("same", "content digest"), ("more_val", "val images 20 -> 30")])
+def test_a_resume_on_data_replaced_in_place_is_refused(other_caches, tmp_path, capsys, caplog, other, change):
+    data = tmp_path / "data"
+    shutil.copytree(other_caches["ten"], data)
+    out = tmp_path / "r"
+    train(_cfg(data, "max_steps=1"), out, progress=False)
+    shutil.rmtree(data)
+    shutil.copytree(other_caches[other], data)
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    assert main(["train", "--resume", str(out), "--set", "max_steps=2"]) == 2
+    _one_line_error(capsys, out, "trained on other data", change)
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
+    assert main(["eval", "--checkpoint", str(out), "--json"]) == 0  # evaluates, and says so
+    assert "trained on other data" in caplog.text and change in caplog.text
+
+
+def test_an_ensemble_is_evaluated_on_one_data_set(other_caches, tmp_path, capsys):
+    """Members trained on data sets of 20 and 30 validation images: every row on the first's 20 (an
+    ensemble of each member on its own data averaged unrelated rows, or failed on their shapes)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg(other_caches["ten"], "max_steps=1"), a, progress=False)
+    train(_cfg(other_caches["more_val"], "max_steps=1"), b, progress=False)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(a), "--ensemble", str(b), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["images"] for r in rows] == [20, 20, 20]
+    assert main(["eval", "--checkpoint", str(b), "--data", str(other_caches["ten"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0] == {**rows[1], "model": str(b)}
+
+
+def test_evaluating_on_other_classes_is_one_line(other_caches, tmp_path, capsys):
+    a, five = tmp_path / "a", tmp_path / "five"
+    train(_cfg(other_caches["ten"], "max_steps=1"), a, progress=False)
+    train(_cfg(other_caches["five"], "max_steps=1"), five, progress=False)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(a), "--data", str(other_caches["five"])]) == 2
+    _one_line_error(capsys, a, "10 classes", "holds 5")
+    assert main(["eval", "--checkpoint", str(a), "--ensemble", str(five)]) == 2
+    _one_line_error(capsys, five, "5 classes", "holds 10")

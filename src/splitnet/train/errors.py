@@ -12,3 +12,7 @@ class RunLockedError(RunError):
 
 class CheckpointError(RunError, ValueError):
     """A checkpoint cannot be read or written; the message names the file and what is wrong."""
+
+
+class EvalError(RunError):
+    """Checkpoints that cannot be evaluated as asked: trained on other classes than the data holds."""

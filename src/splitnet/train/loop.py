@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, replace, to_dict
 from ..data import PackedDataset, resolve_data
+from ..data.cache import identity
 from ..data.rng import derive_seed
 from ..model.precision import autocast, memory_format, needs_loss_scaling, tf32
 from ..model.tune import calibrate, worth_calibrating
@@ -206,6 +207,8 @@ def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bo
     cache, data_desc = resolve_data(cfg.data)
     if main:
         rt.barrier()
+    if not new_run:
+        rundir.check_same_data(cache)
     train_ds = PackedDataset(cache, "train")
     val_ds = PackedDataset(cache, "val") if _has_split(cache, "val") else None
     classes = train_ds.classes
@@ -287,8 +290,9 @@ def _write_start(run: Run, ck, new_run: bool, overwrite: bool, data_desc) -> Non
         log.info("train: concurrency auto -> %s (one training pass: %s)", tuned["strategy"], ", ".join(
             f"{k} {1000 * v:.1f} ms" for k, v in tuned["step_s"].items()))
     concurrency["strategy"] = model.strategy
-    static = {"data": data_desc, "cache": str(run.cache), "classes": run.classes, "train_images": len(run.train_ds),
-              "val_images": len(run.val_ds) if run.val_ds is not None else 0, "layout": model.layout.name,
+    static = {"data": data_desc, "cache": str(run.cache), "data_identity": identity(run.cache), "classes": run.classes,
+              "train_images": len(run.train_ds), "val_images": len(run.val_ds) if run.val_ds is not None else 0,
+              "layout": model.layout.name,
               "exchange_bytes_per_image": model.layout.exchange_bytes_per_image(),
               "params": model.layout.params()}
     segment = {"commit": git_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": state.step,

@@ -23,6 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..data.cache import identity, identity_changes
 from . import checkpoint as ckpt
 from .errors import RunError, RunLockedError
 
@@ -113,6 +114,18 @@ class RunDir:
         except (FileNotFoundError, ValueError):
             return (f"No checkpoint was written yet: start again with --overwrite, or delete {self.path}")
         return f"The last good checkpoint ({self.checkpoint}, step {step}) is kept"
+
+    def data_changes(self, cache) -> str | None:
+        """How the data in `cache` differs from what run.json says the run was trained on
+        (cache.identity_changes), or None: the same, or a run from before identities were recorded."""
+        return identity_changes(self.read_info().get("data_identity"), identity(cache))
+
+    def check_same_data(self, cache) -> None:
+        """A resume trains on the data the run was trained on: else a RunError naming the difference."""
+        changed = self.data_changes(cache)
+        if changed:
+            raise RunError(f"{self.path} was trained on other data than {cache} holds now ({changed}); "
+                           f"resuming would go on with other images. Restore that data, or start a new run (--out)")
 
     def start_segment(self, static: dict, segment: dict) -> None:
         """run.json: `static` (data, classes, layout, ...) and one more segment in its history."""
