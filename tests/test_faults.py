@@ -184,3 +184,25 @@ def test_evaluating_on_other_classes_is_one_line(other_caches, tmp_path, capsys)
     _one_line_error(capsys, a, "10 classes", "holds 5")
     assert main(["eval", "--checkpoint", str(a), "--ensemble", str(five)]) == 2
     _one_line_error(capsys, five, "5 classes", "holds 10")
+
+
+# ---- C: a checkpoint that is not one says what it is -----------------------------------------------
+@pytest.mark.parametrize("kind, what", [("text", "is a text file, not a checkpoint"),
+                                        ("truncated", "is truncated or damaged"),
+                                        ("random", "is not a checkpoint (not torch.save's zip format"),
+                                        ("pickle", "is a plain pickle")])
+def test_a_file_that_is_not_a_checkpoint_says_what_it_is(tmp_path, capsys, kind, what):
+    import pickle
+    import random
+    path = tmp_path / "checkpoint.pt"
+    if kind == "text":
+        path.write_text("epoch 3 done\n")
+    elif kind == "truncated":
+        torch.save({"format": ckpt.FORMAT, "model": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:3000])
+    elif kind == "random":
+        path.write_bytes(bytes([0x93]) + random.Random(1).randbytes(4999))
+    else:
+        path.write_bytes(pickle.dumps({"model": 1}))
+    assert main(["eval", "--checkpoint", str(path)]) == 2
+    _one_line_error(capsys, path, what)

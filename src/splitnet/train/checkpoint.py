@@ -7,6 +7,7 @@ other. Everything in it is a tensor, a number, a string, or lists/dicts of them.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -96,6 +97,9 @@ def load(path) -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (a write that never finished?)")
+    not_one = _not_a_zip(path)
+    if not_one:
+        raise CheckpointError(f"checkpoint {path} {not_one}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which, in one line
@@ -109,6 +113,24 @@ def load(path) -> dict:
     if bad:  # a corrupt file or a diverged run: neither evaluating nor training on from it means anything
         raise CheckpointError(f"checkpoint {path} is unusable: {bad}")
     return ck
+
+
+def _not_a_zip(path: Path) -> str | None:
+    """What `path` is when it is not the zip archive torch.save writes (so torch.load's own error, a
+    pickle opcode number or a miniz message, is not what the user reads), else None."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        return None if zipfile.is_zipfile(path) else ("is truncated or damaged: its zip archive has no end "
+                                                       "(a write or a copy that did not finish?)")
+    try:
+        head.decode("utf-8")
+        return "is a text file, not a checkpoint"
+    except UnicodeDecodeError:
+        pass
+    if head[:1] == b"\x80":
+        return "is a plain pickle, not a checkpoint (torch.save's zip format)"
+    return f"is not a checkpoint (not torch.save's zip format; it starts with bytes {head[:4].hex(' ')})"
 
 
 def restore_model(model, ck: dict, optimizer=None) -> None:
