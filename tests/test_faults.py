@@ -125,7 +125,7 @@ def _image_folders(root, seed, classes, val, train=8):
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(seed)
-    for split, n in (("train", train), ("val", val)):
+    for split, n in (("train", train), ("val", val)) if val else (("train", train),):
         for c in range(classes):
             (root / split / f"class{c}").mkdir(parents=True)
             for i in range(n):
@@ -135,14 +135,14 @@ def _image_folders(root, seed, classes, val, train=8):
 
 @pytest.fixture(scope="module")
 def other_caches(tmp_path_factory):
-    """Four small prepared sets: "ten" (10 classes, 8 train and 2 val images a class), "same" (the
-    same counts, other images), "more_val" (3 val images a class), "five" (5 classes)."""
+    """Small prepared sets: "ten" (10 classes, 8 train and 2 val images a class), "same" (the same
+    counts, other images), "more_val" (3 val images a class), "five" (5 classes), "no_val" (no val/)."""
     from splitnet.data import DataConfig, ensure_cache
     home = tmp_path_factory.mktemp("others")
     return {name: ensure_cache(_image_folders(home / name, seed, classes, val), home / f"{name}-cache",
                                DataConfig(image_size=32, prepare_workers=1))
             for name, seed, classes, val in (("ten", 5, 10, 2), ("same", 6, 10, 2), ("more_val", 7, 10, 3),
-                                             ("five", 8, 5, 2))}
+                                             ("five", 8, 5, 2), ("no_val", 9, 10, 0))}
 
 
 @pytest.mark.parametrize("other, change", [("same", "content digest"), ("more_val", "val images 20 -> 30")])
@@ -206,3 +206,12 @@ def test_a_file_that_is_not_a_checkpoint_says_what_it_is(tmp_path, capsys, kind,
         path.write_bytes(pickle.dumps({"model": 1}))
     assert main(["eval", "--checkpoint", str(path)]) == 2
     _one_line_error(capsys, path, what)
+
+
+# ---- L: a data set without val/ trains without evaluations, and says so ----------------------------
+def test_a_data_set_without_validation_trains_without_evaluations(other_caches, tmp_path, caplog):
+    out = tmp_path / "r"
+    s = train(_cfg(other_caches["no_val"], "max_steps=13"), out, progress=False)  # an epoch end, a stop mid-epoch
+    assert s["status"] == "max_steps" and s["step"] == 13
+    assert "no validation split: training without evaluations" in caplog.text
+    assert not [m for m in read_metrics(out) if m["kind"] == "eval"] and not (out / "best.pt").exists()

@@ -211,6 +211,9 @@ def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bo
         rundir.check_same_data(cache)
     train_ds = PackedDataset(cache, "train")
     val_ds = PackedDataset(cache, "val") if _has_split(cache, "val") else None
+    if val_ds is None and main:
+        log.warning("train: %s has no validation split: training without evaluations (no val errors, no best.pt)",
+                    cache)
     classes = train_ds.classes
     check_num_classes(cfg, classes, cache)
     cfg = replace(cfg, model=replace(cfg.model, num_classes=len(classes)))  # what the model is built with
@@ -317,7 +320,7 @@ def _run_epochs(run: Run) -> dict:
                 if status is None:
                     end_of_epoch(run)
                     status = budget_reached(cfg, st.step, st.epoch, run.elapsed())
-            if worked and status in ("max_steps", "max_minutes") and st.batch and cfg.eval_at_stop:
+            if worked and status in ("max_steps", "max_minutes") and st.batch and cfg.eval_at_stop and run.val_ds:
                 _evaluate(run, at_stop=True)  # a mid-epoch stop: evaluate what it has
             if worked and (st.batch or status == "interrupted"):
                 st.status = status
