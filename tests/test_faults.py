@@ -215,3 +215,23 @@ def test_a_data_set_without_validation_trains_without_evaluations(other_caches, 
     assert s["status"] == "max_steps" and s["step"] == 13
     assert "no validation split: training without evaluations" in caplog.text
     assert not [m for m in read_metrics(out) if m["kind"] == "eval"] and not (out / "best.pt").exists()
+
+
+# ---- J: a config file that cannot be read is one line ----------------------------------------------
+@pytest.mark.parametrize("kind, what", [("latin1", "not UTF-8 text (byte 11 is 0xe9)"), ("folder", "is a folder")])
+def test_an_unreadable_config_file_is_one_line(tmp_path, capsys, kind, what):
+    path = tmp_path / "exp.toml"
+    if kind == "latin1":
+        path.write_bytes('note = "caf\u00e9"\n'.encode("latin-1"))
+    else:
+        path.mkdir()
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "r")]) == 2
+    _one_line_error(capsys, path, what)
+
+
+def test_a_run_whose_config_toml_is_not_utf8_is_one_line(cache32, tmp_path, capsys):
+    out = tmp_path / "r"
+    train(_cfg(cache32, "max_steps=1"), out, progress=False)
+    (out / "config.toml").write_bytes((out / "config.toml").read_bytes() + '# caf\u00e9\n'.encode("latin-1"))
+    assert main(["train", "--resume", str(out), "--set", "max_steps=2"]) == 2
+    _one_line_error(capsys, out / "config.toml", "not UTF-8")

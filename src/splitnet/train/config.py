@@ -214,17 +214,28 @@ def apply_sets(data: dict, sets) -> dict:
     return out
 
 
+def read_toml(path) -> dict:
+    """A TOML file as a dict; a one-line error naming the file when it is missing, a folder, not
+    UTF-8 (as TOML requires) or not valid TOML."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder, not a TOML file")
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); TOML files are "
+                          f"UTF-8: save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+
+
 def load_config(path=None, sets=(), base: dict | None = None) -> TrainConfig:
     """TrainConfig from a TOML file (or none: the paper's defaults) plus --set overrides."""
     data = dict(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
-        try:
-            data.update(tomllib.loads(p.read_text()))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        data.update(read_toml(path))
     data = apply_sets(data, sets)
     try:
         return from_dict(TrainConfig, data)

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from ..data.rng import derive_seed
 from ..model.precision import autocast, memory_format, needs_loss_scaling, tf32
 from ..model.tune import calibrate, worth_calibrating
 from . import checkpoint as ckpt
-from .config import (TrainConfig, check_num_classes, config_changes, dump_toml, load_config, resume_changes, resume_lr,
-                     unsafe_changes)
+from .config import (TrainConfig, check_num_classes, config_changes, dump_toml, load_config, read_toml,
+                     resume_changes, resume_lr, unsafe_changes)
 from .evaluate import evaluate_split, input_batches
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
 from .progress import Progress, StopFlag
@@ -179,7 +178,7 @@ def _holds_a_run(rundir: RunDir) -> RunError:
 
 def _saved_config(rundir: RunDir) -> tuple:
     """(config.toml as a dict, the TrainConfig it gives) of the run in `rundir`."""
-    base = tomllib.loads(rundir.config.read_text())
+    base = read_toml(rundir.config)
     return base, load_config(None, (), base=base)
 
 
