@@ -235,3 +235,14 @@ def test_a_run_whose_config_toml_is_not_utf8_is_one_line(cache32, tmp_path, caps
     (out / "config.toml").write_bytes((out / "config.toml").read_bytes() + '# caf\u00e9\n'.encode("latin-1"))
     assert main(["train", "--resume", str(out), "--set", "max_steps=2"]) == 2
     _one_line_error(capsys, out / "config.toml", "not UTF-8")
+
+
+# ---- O: --out naming a file ---------------------------------------------------------------------------
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine\n")
+    assert main(["train", "--config", str(CIFAR), "--out", str(path)]) == 2
+    _one_line_error(capsys, path, "is a file, not a run directory")
+    assert main(["train", "--resume", str(path)]) == 2
+    _one_line_error(capsys, path, "is a file, not a run directory")
+    assert path.read_text() == "mine\n"

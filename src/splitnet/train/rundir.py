@@ -57,6 +57,8 @@ class RunDir:
 
     def __init__(self, path):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():  # else a FileExistsError traceback at mkdir
+            raise NotADirectoryError(f"{self.path} is a file, not a run directory: choose another folder")
         self.config = self.path / "config.toml"
         self.info = self.path / "run.json"
         self.metrics = self.path / "metrics.jsonl"
