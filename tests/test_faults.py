@@ -21,12 +21,13 @@ from test_runs import CIFAR, _cfg, _cli_sets, _train_recs
 
 
 def _one_line_error(capsys, *needles):
-    """stderr holds one line naming every needle, and no traceback."""
+    """stderr holds one error line naming every needle (beside a run's progress lines), no traceback."""
     err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("splitnet "), err
     for n in needles:
-        assert str(n) in err, err
-    return err
+        assert str(n) in lines[0], err
+    return lines[0]
 
 
 # ---- A: the lr a run trains with is the one its records say -------------------------------------
@@ -246,3 +247,85 @@ def test_out_naming_a_file_is_one_line(tmp_path, capsys):
     assert main(["train", "--resume", str(path)]) == 2
     _one_line_error(capsys, path, "is a file, not a run directory")
     assert path.read_text() == "mine\n"
+
+
+# ---- F, K: a full disk, a read-only or deleted run folder during training --------------------------
+def _after_saves(monkeypatch, n, fault):
+    """Call fault() before the n-th checkpoint write (from then on the folder misbehaves)."""
+    real, calls = ckpt.atomic_save, []
+
+    def save(obj, path):
+        calls.append(path)
+        if len(calls) == n:
+            fault()
+        return real(obj, path)
+    monkeypatch.setattr(ckpt, "atomic_save", save)
+
+
+def _refuse_writes(monkeypatch, folder, err):
+    """Every write into `folder` (a checkpoint, a temporary's removal, run.json) raises OSError `err`."""
+    import builtins
+    import pathlib
+    real_open, real_write, real_unlink = builtins.open, pathlib.Path.write_text, pathlib.Path.unlink
+
+    def check(path):
+        if pathlib.Path(path).parent == folder:
+            raise OSError(err, os.strerror(err), str(path))
+
+    def open_(path, mode="r", *a, **k):
+        if "w" in mode:
+            check(path)
+        return real_open(path, mode, *a, **k)
+    monkeypatch.setattr(ckpt, "open", open_, raising=False)
+    monkeypatch.setattr(pathlib.Path, "write_text", lambda p, *a, **k: check(p) or real_write(p, *a, **k))
+    monkeypatch.setattr(pathlib.Path, "unlink", lambda p, *a, **k: check(p) or real_unlink(p, *a, **k))
+
+
+def test_a_full_disk_in_torch_save_says_the_disk_is_full(cache32, tmp_path, monkeypatch, capsys):
+    """torch.save turns the file's ENOSPC into "unexpected pos N vs M"; and with the disk full,
+    recording the segment's end in run.json fails too, which must not add a traceback."""
+    out = tmp_path / "r"
+
+    class FullFile:  # what torch.save writes into once the disk is full
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    real_save = torch.save
+
+    def full():
+        monkeypatch.setattr(ckpt.torch, "save", lambda obj, f: real_save(obj, FullFile(f)))
+        _refuse_writes(monkeypatch, out, errno.ENOSPC)  # run.json too
+    _after_saves(monkeypatch, 2, full)
+    assert main(["train", "--config", str(CIFAR), "--out", str(out), *_cli_sets(cache32, "max_steps=4",
+                                                                                "checkpoint_every=2")]) == 2
+    _one_line_error(capsys, out / "checkpoint.pt", "(No space left on device)",
+                    "the previous checkpoint.pt is intact")
+    monkeypatch.undo()
+    assert ckpt.load(out / "checkpoint.pt")["step"] == 2 and not list(out.glob(".*.tmp-*"))
+
+
+def test_a_read_only_run_folder_is_one_line(cache32, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r"
+    _after_saves(monkeypatch, 2, lambda: _refuse_writes(monkeypatch, out, errno.EROFS))
+    assert main(["train", "--config", str(CIFAR), "--out", str(out), *_cli_sets(cache32, "max_steps=4",
+                                                                                "checkpoint_every=2")]) == 2
+    _one_line_error(capsys, out / "checkpoint.pt", "Read-only file system")
+
+
+def test_a_run_folder_deleted_during_training_stops_it(cache32, tmp_path, monkeypatch, capsys):
+    """It ended with exit 0 and no word, and the save recreated the folder holding only checkpoints."""
+    out = tmp_path / "r"
+    _after_saves(monkeypatch, 2, lambda: shutil.rmtree(out))
+    assert main(["train", "--config", str(CIFAR), "--out", str(out), *_cli_sets(cache32, "max_steps=4",
+                                                                                "checkpoint_every=2")]) == 2
+    _one_line_error(capsys, out, "no longer exists")
+    assert not out.exists()

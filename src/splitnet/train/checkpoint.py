@@ -6,6 +6,7 @@ other. Everything in it is a tensor, a number, a string, or lists/dicts of them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
 from pathlib import Path
@@ -16,16 +17,20 @@ from ..config import from_dict, replace
 from ..model.columns import SplitAlexNet
 from ..model.convert import check_grouped, gather_grouped, scatter_grouped
 from .config import TrainConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, write_failure
 
 FORMAT = 1
 
 
 def atomic_save(obj, path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`. A failed
-    write (a full disk) removes the temporary file and leaves the previous `path` as it was."""
+    write (a full disk, a read-only or deleted folder) removes the temporary file and leaves the
+    previous `path` as it was. The folder is not created: a run folder deleted during training is
+    an error, not a new folder holding only checkpoints."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"could not write {path}: the folder {path.parent} no longer exists "
+                              f"(deleted while the run was training?); stopped")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -34,10 +39,13 @@ def atomic_save(obj, path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError
-        tmp.unlink(missing_ok=True)
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
-        kept = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} exists"
-        raise CheckpointError(f"could not write {path} ({why}); {kept}") from None
+        with contextlib.suppress(OSError):  # a read-only folder refuses this too: the first error counts
+            tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path} ({write_failure(e)}); {_kept(path)}") from None
+
+
+def _kept(path: Path) -> str:
+    return f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} exists"
 
 
 def save(payload: dict, path) -> None:
@@ -45,8 +53,7 @@ def save(payload: dict, path) -> None:
     checkpoint is only ever a state training can go on from (the previous one stays)."""
     bad = nonfinite(payload)
     if bad:
-        kept = f"the previous {Path(path).name} is intact" if Path(path).exists() else f"no earlier {Path(path).name} exists"
-        raise CheckpointError(f"not writing {path} at step {payload.get('step', '?')}: {bad}; {kept}. "
+        raise CheckpointError(f"not writing {path} at step {payload.get('step', '?')}: {bad}; {_kept(Path(path))}. "
                               f"Lower optim.lr or check the data")
     atomic_save(payload, path)
 

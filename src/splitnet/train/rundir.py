@@ -16,8 +16,10 @@ version of each file; the temporaries a kill leaves behind are removed at the ne
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
 import subprocess
 import time
@@ -25,7 +27,9 @@ from pathlib import Path
 
 from ..data.cache import identity, identity_changes
 from . import checkpoint as ckpt
-from .errors import RunError, RunLockedError
+from .errors import RunError, RunLockedError, write_failure
+
+log = logging.getLogger("splitnet")
 
 RUN_FILES = ("config.toml", "run.json", "metrics.jsonl", "checkpoint.pt", "best.pt")
 __all__ = ["RunDir", "RunError", "RunLockedError", "Metrics", "read_metrics", "budget_reached", "run_done"]
@@ -44,12 +48,17 @@ def git_commit() -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """`text` to a temporary file, renamed over `path`; a RunError naming the file when the write
+    fails (a full disk, a read-only folder), `path` as it was."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as e:
+        raise RunError(f"could not write {path} ({write_failure(e)}); it is as it was") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses this too: the first error counts
+            tmp.unlink(missing_ok=True)
 
 
 class RunDir:
@@ -137,10 +146,15 @@ class RunDir:
         atomic_write_text(self.info, json.dumps(info, indent=2))
 
     def end_segment(self, **fields) -> None:
+        """Record how the segment ended, as well as can be: it runs as a run stops, often because of
+        an error (a full disk) whose message must not give way to this write's."""
         info = self.read_info()
         if info.get("segments"):
             info["segments"][-1].update(fields, ended=time.strftime("%Y-%m-%d %H:%M:%S"))
-            atomic_write_text(self.info, json.dumps(info, indent=2))
+            try:
+                atomic_write_text(self.info, json.dumps(info, indent=2))
+            except RunError as e:
+                log.warning("train: the end of this segment is not recorded: %s", e)
 
     def read_info(self) -> dict:
         try:
@@ -157,11 +171,16 @@ class Metrics:
         self.f = open(path, "a")
 
     def write(self, **rec) -> None:
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
+        try:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+        except OSError as e:
+            raise RunError(f"could not append to {self.path} ({write_failure(e)}); stopped, the last "
+                           f"checkpoint is kept") from None
 
     def close(self):
-        self.f.close()
+        with contextlib.suppress(OSError):  # a line that could not be written was reported by write()
+            self.f.close()
 
     @staticmethod
     def truncate_to(path: Path, step: int, epoch: int) -> None:
