@@ -329,3 +329,18 @@ def test_a_run_folder_deleted_during_training_stops_it(cache32, tmp_path, monkey
                                                                                 "checkpoint_every=2")]) == 2
     _one_line_error(capsys, out, "no longer exists")
     assert not out.exists()
+
+
+# ---- G: data prepare onto a full disk ---------------------------------------------------------------
+def test_data_prepare_onto_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    """The shards are written by worker processes (forked: they inherit the patched write), whose
+    OSError reached the user as the pool's 36-line remote traceback."""
+    from splitnet.data import cache as C
+    src = _image_folders(tmp_path / "src", 1, 2, 2, train=4)
+
+    def full(f, arr, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(C.np, "save", full)  # numpy's own: undone after the test
+    assert main(["data", "prepare", "--src", str(src), "--out", str(tmp_path / "c"), "--workers", "2",
+                 "--shard-size", "2", "--image-size", "32", "--no-progress"]) == 2
+    _one_line_error(capsys, "shard-", "No space left on device", "run the same command again")

@@ -25,6 +25,7 @@ run leaves either the old file or the new one, never half of one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -53,13 +54,7 @@ def shard_stem(i: int) -> str:
 # ---- atomic writes -------------------------------------------------------------------------------
 def atomic_write(path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file in the same folder, fsync, then os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic(path, lambda f: f.write(data))
 
 
 def write_json(path, obj) -> None:
@@ -68,13 +63,26 @@ def write_json(path, obj) -> None:
 
 def write_npy(path, arr: np.ndarray) -> None:
     """np.save, atomically. Streams through a temp file (no second in-memory copy of a big shard)."""
+    _atomic(path, lambda f: np.save(f, arr, allow_pickle=False))
+
+
+def _atomic(path, write) -> None:
+    """write(f) into a temporary file beside `path`, fsync, rename. A failed write (a full disk) is
+    a DataError naming the file: one line, also from a preparation worker (whose OSError reached the
+    user as the pool's remote traceback); the temporary goes, finished shards stay for a resume."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise DataError(f"could not write {path} ({e.strerror or e}); the shards finished so far are kept: "
+                        f"make room and run the same command again to resume") from None
 
 
 def write_npz(path, **arrays) -> None:
