@@ -9,6 +9,7 @@ the key, so a typo in an experiment file is an error, never a silently ignored s
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Mapping
 
@@ -36,6 +37,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML reads nan and inf: no setting means either
+                raise ConfigError(f"{key}: must be a finite number, got {value}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -25,6 +25,7 @@ run leaves either the old file or the new one, never half of one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -53,13 +54,7 @@ def shard_stem(i: int) -> str:
 # ---- atomic writes -------------------------------------------------------------------------------
 def atomic_write(path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file in the same folder, fsync, then os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic(path, lambda f: f.write(data))
 
 
 def write_json(path, obj) -> None:
@@ -68,13 +63,26 @@ def write_json(path, obj) -> None:
 
 def write_npy(path, arr: np.ndarray) -> None:
     """np.save, atomically. Streams through a temp file (no second in-memory copy of a big shard)."""
+    _atomic(path, lambda f: np.save(f, arr, allow_pickle=False))
+
+
+def _atomic(path, write) -> None:
+    """write(f) into a temporary file beside `path`, fsync, rename. A failed write (a full disk) is
+    a DataError naming the file: one line, also from a preparation worker (whose OSError reached the
+    user as the pool's remote traceback); the temporary goes, finished shards stay for a resume."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise DataError(f"could not write {path} ({e.strerror or e}); the shards finished so far are kept: "
+                        f"make room and run the same command again to resume") from None
 
 
 def write_npz(path, **arrays) -> None:
@@ -130,3 +138,35 @@ def default_cache_dir(src, work_dir) -> Path:
     src = Path(src).resolve()
     digest = hashlib.sha256(str(src).encode()).hexdigest()[:8]
     return Path(work_dir) / "cache" / f"{src.name}-{digest}"
+
+
+def identity(path) -> dict:
+    """What a run records of its data, to tell on a resume or an eval whether the cache still holds
+    it: {"images": {split: count}, "digest": sha256 hex}. The digest covers the index (classes,
+    labels, source names, shard sizes), the training set's mean image and colour statistics (sums
+    over every training pixel) and the first image of each shard: a cache prepared again from other
+    images, even in the same number under the same names, gives another digest, without reading
+    every image of a large set."""
+    path = Path(path)
+    info = read_info(path)
+    h = hashlib.sha256(json.dumps({k: info.get(k) for k in ("image_size", "splits")}, sort_keys=True).encode())
+    for name in (CLASSES_JSON, STATS_JSON, MEAN_NPY):
+        h.update((path / name).read_bytes())
+    for split in sorted(info["splits"]):
+        for name in ("labels.npy", "files.txt"):
+            h.update((path / split / name).read_bytes())
+        for i in range(len(info["splits"][split]["shards"])):
+            h.update(np.load(path / split / f"{shard_stem(i)}.npy", mmap_mode="r")[:1].tobytes())
+    return {"images": {s: v["count"] for s, v in info["splits"].items()}, "digest": h.hexdigest()}
+
+
+def identity_changes(recorded: dict, now: dict) -> str | None:
+    """'train images 80 -> 60, content digest 1a2b3c4d -> 5e6f7a8b' where two identity() differ, else None."""
+    if not recorded or recorded == now:
+        return None
+    parts = [f"{s} images {recorded['images'].get(s, 0)} -> {now['images'].get(s, 0)}"
+             for s in sorted(set(recorded["images"]) | set(now["images"]))
+             if recorded["images"].get(s) != now["images"].get(s)]
+    if recorded["digest"] != now["digest"]:
+        parts.append(f"content digest {recorded['digest'][:8]} -> {now['digest'][:8]}")
+    return ", ".join(parts)

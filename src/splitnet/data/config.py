@@ -7,6 +7,7 @@ and the original code (cuda-convnet2, "CC2") differ is a value here, the paper's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import ConfigError, _choice
 
@@ -69,6 +70,12 @@ class DataConfig:
     workers: int = 2  # DataLoader worker processes; batches are identical for any number
 
     def __post_init__(self):
+        # Paths as absolute, symlinks resolved: a run records where its data is, not how it was typed,
+        # so a resume or an eval from another directory finds it, and another spelling of the same
+        # folder is not a change of data.root.
+        for key in ("root", "cache"):
+            if getattr(self, key):
+                object.__setattr__(self, key, str(Path(getattr(self, key)).expanduser().resolve()))
         _choice(self, "resample", ("lanczos", "bicubic", "bilinear", "box", "hamming"))
         _choice(self, "lighting_units", ("cc2", "unit"))
         _choice(self, "resize", ("shorter", "squash"))

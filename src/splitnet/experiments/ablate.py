@@ -20,7 +20,6 @@ import multiprocessing
 import os
 import signal
 import statistics
-import tomllib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from ..bench.timing import paper_optimizer, timed, train_step
 from ..model.columns import SplitAlexNet, model_layout
 from ..model.precision import memory_format, tf32
 from ..train import checkpoint as ckpt
-from ..train.config import apply_sets, load_config
+from ..train.config import apply_sets, load_config, read_toml
 from ..train.evaluate import evaluate_checkpoints
 from ..train.loop import check_same_experiment, train_or_resume
 from ..train.memory import keep_freed_memory
@@ -66,13 +65,6 @@ def _base_path(suite: str, data) -> Path:
     return EXPERIMENTS / "paper.toml" if data else ABLATIONS / "_base.toml"
 
 
-def _read_toml(path: Path) -> dict:
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-
-
 def experiment_names(suite: str = "ablations") -> list:
     """The experiments of `suite`, `paper` first: every file of experiments/ablations/ whose
     `geometries` (if given) include the suite's."""
@@ -83,7 +75,7 @@ def experiment_names(suite: str = "ablations") -> list:
     for p in sorted(ABLATIONS.glob("*.toml")):
         if p.stem.startswith("_"):
             continue
-        if geometry in _read_toml(p).get("geometries", [geometry]):
+        if geometry in read_toml(p).get("geometries", [geometry]):
             names.append(p.stem)
     return ["paper"] + [n for n in names if n != "paper"]
 
@@ -93,9 +85,9 @@ def load_experiment(name: str, data=None, sets=(), suite: str = "ablations") -> 
     path = ABLATIONS / f"{name}.toml"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such experiment (known: {', '.join(experiment_names())})")
-    exp = _read_toml(path)
+    exp = read_toml(path)
     meta = {k: exp.pop(k) for k in META_KEYS if k in exp}
-    base = _read_toml(_base_path(suite, data))
+    base = read_toml(_base_path(suite, data))
     merged = {**base, **{k: v for k, v in exp.items() if not isinstance(v, dict)}}
     for table in ("model", "data", "optim"):
         if table in base or table in exp:
@@ -554,7 +546,7 @@ def register(sub) -> None:
 def _main(args) -> int:
     if args.list:
         for n in experiment_names(args.suite):
-            meta = {k: v for k, v in _read_toml(ABLATIONS / f"{n}.toml").items() if k in META_KEYS}
+            meta = {k: v for k, v in read_toml(ABLATIONS / f"{n}.toml").items() if k in META_KEYS}
             print(f"{n:<18} {meta.get('group', '')}")
         return 0
     if not args.out:

@@ -6,7 +6,9 @@ other. Everything in it is a tensor, a number, a string, or lists/dicts of them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -15,16 +17,20 @@ from ..config import from_dict, replace
 from ..model.columns import SplitAlexNet
 from ..model.convert import check_grouped, gather_grouped, scatter_grouped
 from .config import TrainConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, write_failure
 
 FORMAT = 1
 
 
 def atomic_save(obj, path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`. A failed
-    write (a full disk) removes the temporary file and leaves the previous `path` as it was."""
+    write (a full disk, a read-only or deleted folder) removes the temporary file and leaves the
+    previous `path` as it was. The folder is not created: a run folder deleted during training is
+    an error, not a new folder holding only checkpoints."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"could not write {path}: the folder {path.parent} no longer exists "
+                              f"(deleted while the run was training?); stopped")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -33,10 +39,36 @@ def atomic_save(obj, path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError
-        tmp.unlink(missing_ok=True)
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
-        kept = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} exists"
-        raise CheckpointError(f"could not write {path} ({why}); {kept}") from None
+        with contextlib.suppress(OSError):  # a read-only folder refuses this too: the first error counts
+            tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path} ({write_failure(e)}); {_kept(path)}") from None
+
+
+def _kept(path: Path) -> str:
+    return f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} exists"
+
+
+def save(payload: dict, path) -> None:
+    """A checkpoint's atomic_save, refused when its weights or velocities hold a NaN or inf: a
+    checkpoint is only ever a state training can go on from (the previous one stays)."""
+    bad = nonfinite(payload)
+    if bad:
+        raise CheckpointError(f"not writing {path} at step {payload.get('step', '?')}: {bad}; {_kept(Path(path))}. "
+                              f"Lower optim.lr or check the data")
+    atomic_save(payload, path)
+
+
+def nonfinite(ck: dict) -> str | None:
+    """'fc7.weight (velocities) holds 1 value(s) that are not finite (NaN or inf)' for the first
+    tensor of ck["model"] or ck["velocity"] with one, else None."""
+    for part in ("model", "velocity"):
+        for name, t in (ck.get(part) or {}).items():
+            if torch.is_tensor(t) and t.is_floating_point():
+                n = int((~torch.isfinite(t)).sum())
+                if n:
+                    what = "weights" if part == "model" else "velocities"
+                    return f"{name} ({what}) holds {n} value(s) that are not finite (NaN or inf)"
+    return None
 
 
 def rng_state() -> dict:
@@ -72,6 +104,9 @@ def load(path) -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (a write that never finished?)")
+    not_one = _not_a_zip(path)
+    if not_one:
+        raise CheckpointError(f"checkpoint {path} {not_one}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which, in one line
@@ -81,7 +116,28 @@ def load(path) -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read: {first[:200]}") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT or "model" not in ck:
         raise CheckpointError(f"checkpoint {path} is not a splitnet checkpoint (format {FORMAT})")
+    bad = nonfinite(ck)
+    if bad:  # a corrupt file or a diverged run: neither evaluating nor training on from it means anything
+        raise CheckpointError(f"checkpoint {path} is unusable: {bad}")
     return ck
+
+
+def _not_a_zip(path: Path) -> str | None:
+    """What `path` is when it is not the zip archive torch.save writes (so torch.load's own error, a
+    pickle opcode number or a miniz message, is not what the user reads), else None."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        return None if zipfile.is_zipfile(path) else ("is truncated or damaged: its zip archive has no end "
+                                                       "(a write or a copy that did not finish?)")
+    try:
+        head.decode("utf-8")
+        return "is a text file, not a checkpoint"
+    except UnicodeDecodeError:
+        pass
+    if head[:1] == b"\x80":
+        return "is a plain pickle, not a checkpoint (torch.save's zip format)"
+    return f"is not a checkpoint (not torch.save's zip format; it starts with bytes {head[:4].hex(' ')})"
 
 
 def restore_model(model, ck: dict, optimizer=None) -> None:

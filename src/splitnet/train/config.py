@@ -60,6 +60,13 @@ class OptimConfig:
             raise ConfigError(f"drop_velocity: {self.drop_velocity!r} is not 'keep' or 'scale'")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:  # >= 1: the velocity never decays, the run diverges
+            raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum}")
+        for key in ("weight_decay", "min_delta"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.factor <= 1:  # a "drop" that keeps or raises eps
+            raise ConfigError(f"factor: must be > 1, got {self.factor}")
         if self.patience < 1:
             raise ConfigError(f"patience: must be >= 1, got {self.patience}")
         if self.loss_scale_init <= 0:
@@ -116,9 +123,20 @@ class TrainConfig:
             raise ConfigError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.input_device not in ("auto", "cpu", "device"):
             raise ConfigError(f"input_device: {self.input_device!r} is not 'auto', 'cpu' or 'device'")
-        for key in ("max_steps", "checkpoint_every", "eval_max_batches", "threads"):
+        for key in ("max_steps", "max_minutes", "checkpoint_every", "eval_max_batches", "threads", "dist_bucket_mb"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"dist_timeout_s: must be > 0, got {self.dist_timeout_s}")
+
+
+def check_num_classes(cfg: TrainConfig, classes: list, cache) -> None:
+    """The model is built with the data's class count. A model.num_classes set to another count
+    (the default, the paper's 1000, stands for "the data's") would be silently replaced: refused."""
+    n = cfg.model.num_classes
+    if n != len(classes) and n != ModelConfig.num_classes:
+        raise ConfigError(f"model.num_classes = {n}, but the data ({cache}) has {len(classes)} classes: "
+                          f"leave the key out (the model takes the data's count) or set it to {len(classes)}")
 
 
 # What --set may change on `train --resume`: budgets, evaluation and logging, and where or how fast
@@ -163,6 +181,15 @@ def resume_changes(saved: TrainConfig, new: TrainConfig) -> dict:
     return changed
 
 
+def resume_lr(ck: dict, cfg: TrainConfig) -> float | None:
+    """The eps a resume sets in place of the checkpoint's: cfg.optim.lr where it differs from the lr
+    of the config the checkpoint was written under, else None (the checkpoint's eps stands, with the
+    schedule's drops). Compared with the checkpoint, not with config.toml: a resume of a done run
+    records an lr in config.toml without training a step, and the next resume must train with it."""
+    saved = ck.get("config", {}).get("optim", {}).get("lr")
+    return cfg.optim.lr if saved is not None and cfg.optim.lr != saved else None
+
+
 def _parse_value(text: str):
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -187,17 +214,28 @@ def apply_sets(data: dict, sets) -> dict:
     return out
 
 
+def read_toml(path) -> dict:
+    """A TOML file as a dict; a one-line error naming the file when it is missing, a folder, not
+    UTF-8 (as TOML requires) or not valid TOML."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder, not a TOML file")
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); TOML files are "
+                          f"UTF-8: save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+
+
 def load_config(path=None, sets=(), base: dict | None = None) -> TrainConfig:
     """TrainConfig from a TOML file (or none: the paper's defaults) plus --set overrides."""
     data = dict(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
-        try:
-            data.update(tomllib.loads(p.read_text()))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        data.update(read_toml(path))
     data = apply_sets(data, sets)
     try:
         return from_dict(TrainConfig, data)

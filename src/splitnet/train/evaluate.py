@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -15,11 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from ..config import ConfigError, replace
+from ..config import ConfigError, from_dict, replace
 from ..data import CENTRE_PATCH, DeviceBatches, PackedDataset, make_loader, resolve_data
 from ..data.progress import Progress
 from ..model.precision import autocast, memory_format, tf32
 from .config import TrainConfig
+from .errors import EvalError
+from .rundir import RunDir
+
+log = logging.getLogger("splitnet")
 
 
 @torch.no_grad()
@@ -197,29 +202,31 @@ def register(sub) -> None:
 def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64, devices=None,
                          progress: bool | None = None) -> list:
     """Rows {model, patches, top1_err, top5_err, images}: each checkpoint (its centre patch, then with
-    `ten` its ten patches), then their ensemble. One pass per checkpoint: with `ten` the centre patch's
-    prediction is read from the ten-patch pass (the same input: CENTRE_PATCH), 10 forward passes per
-    image instead of 11. progress: None shows it on an interactive terminal only (show_progress)."""
+    `ten` its ten patches), then their ensemble. Every model is evaluated on one data set, `data` or
+    the first checkpoint's run's (an ensemble averages each image's probabilities, so its members must
+    see the same images), and must have been trained on its classes. One pass per checkpoint: with
+    `ten` the centre patch's prediction is read from the ten-patch pass (the same input:
+    CENTRE_PATCH), 10 forward passes per image instead of 11. progress: None shows it on an
+    interactive terminal only (show_progress)."""
+    first = ckpt.load(ckpt.checkpoint_path(paths[0]))
+    if "imported" in first and not data:
+        raise ConfigError(f"{paths[0]}: an imported network has no data of its own; give --data (e.g. ILSVRC-2012 "
+                          f"as class folders, whose val/ is evaluated)")
+    # The first run's preparation rules (an imported Caffe run's squash resize) for a folder given as data.
+    dcfg = ckpt.run_data_config(from_dict(TrainConfig, first["config"]), ckpt.checkpoint_path(paths[0]))
+    cache, _ = resolve_data(replace(dcfg, root=str(data)) if data else dcfg)
+    ds = PackedDataset(cache, split)
+    for path in paths:  # every member's classes, before minutes of evaluating the first ones
+        _check_classes(path, first if path is paths[0] else ckpt.load(ckpt.checkpoint_path(path)), ds)
     rows, probs = [], {1: [], 10: []}
-    labels = None
-    class_names = None
     for path in paths:
-        ck = ckpt.load(ckpt.checkpoint_path(path))
-        model, cfg, classes = ckpt.model_from_checkpoint(ck, devices)
-        if "imported" in ck and not data:
-            raise ConfigError(f"{path}: an imported network has no data of its own; give --data (e.g. ILSVRC-2012 "
-                              f"as class folders, whose val/ is evaluated)")
-        if class_names is not None and classes != class_names:
-            raise ValueError(f"{path}: its classes differ from {paths[0]}'s; cannot ensemble them")
-        class_names = classes
-        base = ckpt.run_data_config(cfg, ckpt.checkpoint_path(path))
-        dcfg = replace(base, root=str(data)) if data else base
-        cache, _ = resolve_data(dcfg)
-        ds = PackedDataset(cache, split)
-        if ds.classes != classes:
-            raise ValueError(f"{cache}: classes differ from those {path} was trained on")
-        # In the mode and on the input path the run trained with (its config).
-        loader = input_batches(model, cache, split, batch_size, replace(cfg, data=dcfg), ds, ten=ten)
+        path_ck = ckpt.checkpoint_path(path)
+        model, cfg, _ = ckpt.model_from_checkpoint(ckpt.load(path_ck), devices)
+        _note_other_data(path, cache)
+        # In the mode and on the input path the run trained with (its config), on the one data set,
+        # minus the mean it was trained with (an imported run's mean.npy: run_data_config).
+        cfg = replace(cfg, data=replace(ckpt.run_data_config(cfg, path_ck), root=str(cache)))
+        loader = input_batches(model, cache, split, batch_size, cfg, ds, ten=ten)
         p, labels, *centre = predict_probs(model, loader, mode=cfg.precision, progress=show_progress(progress),
                                            desc=f"eval {Path(path).name} ({'ten' if ten else 'centre'} patches)",
                                            centre=ten)
@@ -232,6 +239,23 @@ def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64
                 rows.append(dict(model=f"ensemble of {len(paths)}", patches=patches, images=len(labels),
                                  **topk_errors(ensemble(plist), labels)))
     return rows
+
+
+def _check_classes(path, ck: dict, ds) -> None:
+    """An EvalError unless checkpoint `path` was trained on the classes of `ds`, in its order."""
+    classes = list(ck["classes"])
+    if classes != ds.classes:
+        raise EvalError(f"{path} was trained on {len(classes)} classes ({', '.join(classes[:3])}, ...), but "
+                        f"{ds.root} holds {len(ds.classes)} ({', '.join(ds.classes[:3])}, ...): evaluate it on "
+                        f"data with its classes (--data)")
+
+
+def _note_other_data(path, cache) -> None:
+    """One log line when the run of checkpoint `path` was trained on other data than `cache` holds
+    (run.json's data identity): errors on other images than the run's, which may be what was asked."""
+    changed = RunDir(ckpt.checkpoint_path(path).parent).data_changes(cache)
+    if changed:
+        log.warning("eval: %s was trained on other data than %s holds now (%s)", path, cache, changed)
 
 
 def format_rows(rows) -> str:

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,11 +26,13 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, replace, to_dict
 from ..data import PackedDataset, resolve_data
+from ..data.cache import identity
 from ..data.rng import derive_seed
 from ..model.precision import autocast, memory_format, needs_loss_scaling, tf32
 from ..model.tune import calibrate, worth_calibrating
 from . import checkpoint as ckpt
-from .config import TrainConfig, config_changes, dump_toml, load_config, resume_changes, unsafe_changes
+from .config import (TrainConfig, check_num_classes, config_changes, dump_toml, load_config, read_toml,
+                     resume_changes, resume_lr, unsafe_changes)
 from .evaluate import evaluate_split, input_batches
 from .optim import MilestoneSchedule, PaperSGD, PlateauSchedule, drop_lr, param_groups
 from .progress import Progress, StopFlag
@@ -101,7 +102,7 @@ class Run:
                        classes=list(self.classes), layout=self.model.layout.name, **self.state.to_checkpoint())
         if velocities:
             payload["velocity"] = velocity
-        ckpt.atomic_save(payload, path)
+        ckpt.save(payload, path)
 
 
 # ---- a run from start to end ---------------------------------------------------------------------
@@ -177,7 +178,7 @@ def _holds_a_run(rundir: RunDir) -> RunError:
 
 def _saved_config(rundir: RunDir) -> tuple:
     """(config.toml as a dict, the TrainConfig it gives) of the run in `rundir`."""
-    base = tomllib.loads(rundir.config.read_text())
+    base = read_toml(rundir.config)
     return base, load_config(None, (), base=base)
 
 
@@ -205,9 +206,15 @@ def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bo
     cache, data_desc = resolve_data(cfg.data)
     if main:
         rt.barrier()
+    if not new_run:
+        rundir.check_same_data(cache)
     train_ds = PackedDataset(cache, "train")
     val_ds = PackedDataset(cache, "val") if _has_split(cache, "val") else None
+    if val_ds is None and main:
+        log.warning("train: %s has no validation split: training without evaluations (no val errors, no best.pt)",
+                    cache)
     classes = train_ds.classes
+    check_num_classes(cfg, classes, cache)
     cfg = replace(cfg, model=replace(cfg.model, num_classes=len(classes)))  # what the model is built with
     torch.manual_seed(cfg.seed)  # the init
     model = rt.build_model(cfg, len(classes))
@@ -222,7 +229,7 @@ def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bo
     sched = _schedule(cfg)
     state = TrainState(lr=cfg.optim.lr)
     if ck is not None:
-        state = _restore(ck, rundir, model, opt, sched, classes, changes)
+        state = _restore(ck, rundir, model, opt, sched, classes, resume_lr(ck, cfg))
     scaler = LossScaler(needs_loss_scaling(cfg.precision), cfg.optim.loss_scale_init)
     scaler.load_state_dict(state.scaler)  # a resume continues at the scale the run had reached
     run = Run(cfg, rundir, rt, model, opt, sched, cache, train_ds, val_ds, classes, state, progress=progress,
@@ -239,8 +246,9 @@ def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bo
     return run
 
 
-def _restore(ck: dict, rundir: RunDir, model, opt, sched, classes, changes) -> TrainState:
-    """Weights, velocities, RNG and TrainState from the checkpoint (an explicit optim.lr override wins)."""
+def _restore(ck: dict, rundir: RunDir, model, opt, sched, classes, lr) -> TrainState:
+    """Weights, velocities, RNG and TrainState from the checkpoint; `lr` (config.resume_lr), if not
+    None, replaces the checkpoint's eps."""
     if list(ck.get("classes", classes)) != list(classes):
         raise RunError(f"{rundir.checkpoint}: trained on {len(ck['classes'])} classes, but the data "
                        f"has {len(classes)} ({', '.join(classes[:5])}...)")
@@ -249,8 +257,8 @@ def _restore(ck: dict, rundir: RunDir, model, opt, sched, classes, changes) -> T
     except ValueError as e:
         raise RunError(f"{rundir.checkpoint}: {e}") from None
     state = TrainState.from_checkpoint(ck)
-    if "optim.lr" in changes:
-        state.lr = changes["optim.lr"][1]
+    if lr is not None:
+        state.lr = lr
         log.info("train: optim.lr set to %g on resume (the checkpoint's eps was %g)", state.lr, float(ck["lr"]))
     for g in opt.param_groups:
         g["lr"] = state.lr
@@ -272,7 +280,8 @@ def _write_start(run: Run, ck, new_run: bool, overwrite: bool, data_desc) -> Non
     if gone:
         log.info("train: removed %d temporary file(s) a killed write left: %s", len(gone), ", ".join(gone))
     atomic_write_text(rundir.config, dump_toml(cfg))
-    Metrics.truncate_to(rundir.metrics, state.step, state.epoch)
+    if budget_reached(cfg, state.step, state.epoch, state.elapsed_s) is None:  # a done run rewrites
+        Metrics.truncate_to(rundir.metrics, state.step, state.epoch)  # nothing: its at_stop eval stays
     if ck is not None:
         log.info("train: resuming %s at step %d (epoch %d, batch %d)", rundir.path, state.step, state.epoch,
                  state.batch)
@@ -283,8 +292,9 @@ def _write_start(run: Run, ck, new_run: bool, overwrite: bool, data_desc) -> Non
         log.info("train: concurrency auto -> %s (one training pass: %s)", tuned["strategy"], ", ".join(
             f"{k} {1000 * v:.1f} ms" for k, v in tuned["step_s"].items()))
     concurrency["strategy"] = model.strategy
-    static = {"data": data_desc, "cache": str(run.cache), "classes": run.classes, "train_images": len(run.train_ds),
-              "val_images": len(run.val_ds) if run.val_ds is not None else 0, "layout": model.layout.name,
+    static = {"data": data_desc, "cache": str(run.cache), "data_identity": identity(run.cache), "classes": run.classes,
+              "train_images": len(run.train_ds), "val_images": len(run.val_ds) if run.val_ds is not None else 0,
+              "layout": model.layout.name,
               "exchange_bytes_per_image": model.layout.exchange_bytes_per_image(),
               "params": model.layout.params()}
     segment = {"commit": git_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": state.step,
@@ -309,7 +319,7 @@ def _run_epochs(run: Run) -> dict:
                 if status is None:
                     end_of_epoch(run)
                     status = budget_reached(cfg, st.step, st.epoch, run.elapsed())
-            if worked and status in ("max_steps", "max_minutes") and st.batch and cfg.eval_at_stop:
+            if worked and status in ("max_steps", "max_minutes") and st.batch and cfg.eval_at_stop and run.val_ds:
                 _evaluate(run, at_stop=True)  # a mid-epoch stop: evaluate what it has
             if worked and (st.batch or status == "interrupted"):
                 st.status = status
@@ -377,8 +387,8 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> str | None:
     lv, err, signalled, elapsed, overflow = rt.agree(lv, err, run.stop.signal is not None, run.elapsed(), overflow)
     if not math.isfinite(lv):  # in fp16 too: an inf gradient is skipped below, a non-finite loss stops
         raise TrainingError(
-            f"loss is {lv} at step {st.step + 1} (epoch {st.epoch}); stopped. The last good checkpoint "
-            f"({run.dir.checkpoint}, step {_ck_step(run.dir)}) is kept. Lower optim.lr or check the data.")
+            f"loss is {lv} at step {st.step + 1} (epoch {st.epoch}); stopped. {run.dir.what_is_kept()}. "
+            f"Lower optim.lr or check the data.")
     scale = scaler.scale
     _update_or_skip(run, overflow)
     st.step += 1
@@ -412,7 +422,7 @@ def _update_or_skip(run: Run, overflow: bool) -> None:
     if scaler.exhausted:
         raise TrainingError(
             f"gradients overflow at every loss scale (down to {scale:g}) at step {st.step + 1}; stopped. "
-            f"The last good checkpoint ({run.dir.checkpoint}, step {_ck_step(run.dir)}) is kept. "
+            f"{run.dir.what_is_kept()}. "
             f"Lower optim.lr or train in fp32/bf16.")
     if run.rt.is_main:
         log.info("step %d: fp16 gradients overflow at loss scale %g; update skipped, scale -> %g",
@@ -498,13 +508,6 @@ def check_input_geometry(cfg: TrainConfig, model, cache_side: int, cache) -> Non
         raise ConfigError(f"data.crop_size = {cfg.data.crop_size}, but the model (model.geometry = "
                           f"{cfg.model.geometry!r}, input_mode {cfg.model.input_mode!r}) takes "
                           f"{model.input_side}x{model.input_side} crops: set data.crop_size = {model.input_side}")
-
-
-def _ck_step(rundir: RunDir):
-    try:
-        return int(ckpt.load(rundir.checkpoint)["step"])
-    except (FileNotFoundError, ValueError):
-        return "none yet"
 
 
 def _has_split(cache, split: str) -> bool:

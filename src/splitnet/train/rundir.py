@@ -16,15 +16,20 @@ version of each file; the temporaries a kill leaves behind are removed at the ne
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
 import subprocess
 import time
 from pathlib import Path
 
+from ..data.cache import identity, identity_changes
 from . import checkpoint as ckpt
-from .errors import RunError, RunLockedError
+from .errors import RunError, RunLockedError, write_failure
+
+log = logging.getLogger("splitnet")
 
 RUN_FILES = ("config.toml", "run.json", "metrics.jsonl", "checkpoint.pt", "best.pt")
 __all__ = ["RunDir", "RunError", "RunLockedError", "Metrics", "read_metrics", "budget_reached", "run_done"]
@@ -43,12 +48,17 @@ def git_commit() -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """`text` to a temporary file, renamed over `path`; a RunError naming the file when the write
+    fails (a full disk, a read-only folder), `path` as it was."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as e:
+        raise RunError(f"could not write {path} ({write_failure(e)}); it is as it was") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses this too: the first error counts
+            tmp.unlink(missing_ok=True)
 
 
 class RunDir:
@@ -56,6 +66,8 @@ class RunDir:
 
     def __init__(self, path):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():  # else a FileExistsError traceback at mkdir
+            raise NotADirectoryError(f"{self.path} is a file, not a run directory: choose another folder")
         self.config = self.path / "config.toml"
         self.info = self.path / "run.json"
         self.metrics = self.path / "metrics.jsonl"
@@ -105,6 +117,27 @@ class RunDir:
         for f in RUN_FILES:
             (self.path / f).unlink(missing_ok=True)
 
+    def what_is_kept(self) -> str:
+        """For the message of a run stopped by an error: the checkpoint it can go on from, or, where
+        none was written, how to start it again (the folder holds a run: --out alone refuses it)."""
+        try:
+            step = int(ckpt.load(self.checkpoint)["step"])
+        except (FileNotFoundError, ValueError):
+            return (f"No checkpoint was written yet: start again with --overwrite, or delete {self.path}")
+        return f"The last good checkpoint ({self.checkpoint}, step {step}) is kept"
+
+    def data_changes(self, cache) -> str | None:
+        """How the data in `cache` differs from what run.json says the run was trained on
+        (cache.identity_changes), or None: the same, or a run from before identities were recorded."""
+        return identity_changes(self.read_info().get("data_identity"), identity(cache))
+
+    def check_same_data(self, cache) -> None:
+        """A resume trains on the data the run was trained on: else a RunError naming the difference."""
+        changed = self.data_changes(cache)
+        if changed:
+            raise RunError(f"{self.path} was trained on other data than {cache} holds now ({changed}); "
+                           f"resuming would go on with other images. Restore that data, or start a new run (--out)")
+
     def start_segment(self, static: dict, segment: dict) -> None:
         """run.json: `static` (data, classes, layout, ...) and one more segment in its history."""
         old = self.read_info()
@@ -113,10 +146,15 @@ class RunDir:
         atomic_write_text(self.info, json.dumps(info, indent=2))
 
     def end_segment(self, **fields) -> None:
+        """Record how the segment ended, as well as can be: it runs as a run stops, often because of
+        an error (a full disk) whose message must not give way to this write's."""
         info = self.read_info()
         if info.get("segments"):
             info["segments"][-1].update(fields, ended=time.strftime("%Y-%m-%d %H:%M:%S"))
-            atomic_write_text(self.info, json.dumps(info, indent=2))
+            try:
+                atomic_write_text(self.info, json.dumps(info, indent=2))
+            except RunError as e:
+                log.warning("train: the end of this segment is not recorded: %s", e)
 
     def read_info(self) -> dict:
         try:
@@ -133,11 +171,16 @@ class Metrics:
         self.f = open(path, "a")
 
     def write(self, **rec) -> None:
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
+        try:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+        except OSError as e:
+            raise RunError(f"could not append to {self.path} ({write_failure(e)}); stopped, the last "
+                           f"checkpoint is kept") from None
 
     def close(self):
-        self.f.close()
+        with contextlib.suppress(OSError):  # a line that could not be written was reported by write()
+            self.f.close()
 
     @staticmethod
     def truncate_to(path: Path, step: int, epoch: int) -> None:
