@@ -94,3 +94,29 @@ def test_dropout_zero_is_identity():
     x = torch.randn(10)
     assert torch.equal(PaperDropout(0.0).train()(x), x)
     assert torch.equal(PaperDropout(0.0).eval()(x), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lrn_under_half_autocast_computes_in_float32(dtype):
+    """conv1 maps in the hundreds (a trained network's): in float16 their squares pass 65,504 and the
+    window sums go inf. Under CPU autocast the LRN (conv1 -> LRN as in the model) must match the
+    float32 result to the half type's rounding, values and gradients, with finite output."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 48, 11, 4)
+    x = torch.randn(2, 3, 59, 59) * 150  # conv1 outputs of a few hundred
+    lrn = LocalResponseNorm()
+    ref_in = conv(x).detach().requires_grad_(True)
+    assert ref_in.abs().max() > 300
+    ref = lrn(ref_in)
+    g = torch.randn_like(ref)
+    ref_grad = torch.autograd.grad(ref, ref_in, g)[0]
+    with torch.autocast("cpu", dtype=dtype):
+        half_in = conv(x).detach().requires_grad_(True)
+        assert half_in.dtype == dtype
+        out = lrn(half_in)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    grad = torch.autograd.grad(out, half_in, g.to(dtype))[0]
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    tol = 1e-2 if dtype == torch.float16 else 5e-2  # the input's own rounding (conv in the half type)
+    assert torch.allclose(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    assert torch.allclose(grad.float(), ref_grad, rtol=tol, atol=tol * ref_grad.abs().max().item())
