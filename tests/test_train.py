@@ -193,6 +193,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cache32, tmp_path):
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
+def test_steps_read_the_loss_only_every_log_every_steps(cache32, straight32, tmp_path, monkeypatch):
+    """No host read of the loss or error inside a step (on a GPU it would stall the queue), except at
+    every log_every-th step, where the pending steps are read in one transfer; the metrics are
+    bitwise those of the run that read at every step (straight32, log_every 10 > 6 steps: all read at
+    the end, and here log_every 4: reads at step 4 and at the stop)."""
+    from splitnet.train import loop
+    reads, step_reads = [], []
+    for name in ("item", "tolist", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _r=real, **k: (reads.append(1), _r(t, *a, **k))[1])
+    real_step = loop.train_step
+
+    def counted(run, x, y):
+        before = len(reads)
+        why = real_step(run, x, y)
+        step_reads.append(len(reads) - before)
+        return why
+
+    monkeypatch.setattr(loop, "train_step", counted)
+    out = tmp_path / "run"
+    train(load_config(CIFAR, _sets32(cache32, "max_steps=6", "log_every=4")), out, progress=False)
+    assert step_reads == [0, 0, 0, 1, 0, 0]
+    strip = [{k: v for k, v in m.items() if k not in ("time", "step_s", "images_per_s")} for m in read_metrics(out)]
+    ref = [{k: v for k, v in m.items() if k not in ("time", "step_s", "images_per_s")}
+           for m in read_metrics(straight32)]
+    assert strip == ref
+
+
 def test_bad_config_key_is_one_line(tmp_path, capsys):
     assert main(["train", "--config", str(SMOKE), "--out", str(tmp_path / "r"), "--set", "optim.lrr=1"]) == 2
     assert "optim.lrr: unknown key" in capsys.readouterr().err
