@@ -269,11 +269,12 @@ def test_precision_modes_restore_flags_and_autocast():
             pass
 
 
-def test_distributed_bench_tiny():
+def test_distributed_bench_tiny(monkeypatch):
     """2 gloo ranks and 4 (2 replicas x 2 columns) under torchrun vs one process: all run, the
     exchanges are timed per layer, overlapped and flat gradient reduction are both timed, and the
     bytes every rank sent equal the layout's count."""
     from splitnet.bench.dist import distributed_vs_single
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # its ranks are subprocesses: CPU ones (tests/cpuenv.py)
     d = distributed_vs_single(batch=4, steps=1, geometry="cifar", pairs=1)  # the machinery, not the big network's speed
     assert d["single_step_s"] > 0 and d["ranks2_step_s"] > 0
     assert set(d["exchange_share"]) == {"conv3", "fc6", "fc7", "fc8"}

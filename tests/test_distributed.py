@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import splitnet
+from cpuenv import cpu_env
 from reference import rel
 from splitnet.train import checkpoint as ckpt
 from splitnet.model.convert import column_tensors, grouped_from_columns
@@ -21,7 +22,7 @@ from splitnet.train.loop import read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT / "experiments" / "cifar.toml"
-ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + str(ROOT / "tests"), OMP_NUM_THREADS="1")
+ENV = cpu_env(PYTHONPATH=str(ROOT / "src") + os.pathsep + str(ROOT / "tests"), OMP_NUM_THREADS="1")
 
 
 def _port():
