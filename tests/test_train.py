@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cpuenv import cpu_env
 from splitnet.train import checkpoint as ckpt
 from splitnet.cli import main
 from splitnet.data import ensure_cache, make_synthetic
@@ -67,6 +68,7 @@ def test_run_directory_contents(straight_run):
         assert (straight_run / name).is_file(), name
     info = json.loads((straight_run / "run.json").read_text())
     assert info["commit"] and info["devices"] == ["cpu", "cpu"] and len(info["classes"]) == 10
+    assert info["cudnn_benchmark"] is torch.backends.cudnn.benchmark  # on for CUDA training only
     recs = read_metrics(straight_run)
     train_recs = [r for r in recs if r["kind"] == "train"]
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
@@ -161,7 +163,7 @@ def test_sigint_saves_and_resume_continues(cache32, tmp_path):
     """SIGINT lands mid-run (a long run, stopped after its first logged step): the step finishes, the
     run saves and exits 130; resumed to k + 2 steps it equals a straight run of k + 2 steps bitwise."""
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = cpu_env(PYTHONPATH=str(ROOT / "src"))
     cmd = [sys.executable, "-m", "splitnet", "train", "--config", str(CIFAR), "--out", str(out)]
     for s in _sets32(cache32, "max_steps=100000", "epochs=100000", "log_every=1"):
         cmd += ["--set", s]

@@ -138,6 +138,16 @@ class PaperDropout(nn.Module):
         if mode not in ("paper", "inverted"):
             raise ValueError(f"dropout_mode: {mode!r} is not 'paper' or 'inverted'")
         self.p, self.mode = p, mode
+        self._generators = {}  # device -> this layer's generator, reseeded per call (see _generator)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """One generator per device for this module, reseeded on every call: creating one (a CUDA
+        generator especially) on every dropout call of every step is host work the step waits for.
+        Not shared between modules: two columns' threads or streams may draw at the same time."""
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = torch.Generator(device=device)
+        return g
 
     def forward(self, x: torch.Tensor, stream: tuple | None = None) -> torch.Tensor:
         """stream: None draws the mask from the global RNG; (seed, full_batch, offset) draws the mask
@@ -152,8 +162,11 @@ class PaperDropout(nn.Module):
                 mask = torch.empty_like(x).bernoulli_(keep)
             else:
                 seed, full, offset = stream
-                g = torch.Generator(device=x.device)
+                g = self._generator(x.device)
                 g.manual_seed(seed)
+                # All `full` rows, though a replica keeps only its own: which value row r draws depends
+                # on the generator's whole sequence (on a GPU, on the kernel's launch shape), so only
+                # the full draw gives every replica exactly its rows of the one-process mask.
                 mask = torch.empty((full, *x.shape[1:]), device=x.device, dtype=x.dtype)
                 mask = mask.bernoulli_(keep, generator=g)[offset:offset + x.shape[0]]
             if self.mode == "inverted":

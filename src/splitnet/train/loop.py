@@ -32,6 +32,7 @@ import torch
 from ..config import ConfigError, replace, to_dict
 from ..data import PackedDataset, resolve_data
 from ..model.precision import memory_format, needs_loss_scaling, tf32
+from ..model.placement import cudnn_autotune
 from ..model.tune import calibrate, worth_calibrating
 from . import checkpoint as ckpt
 from .config import TrainConfig, config_changes, dump_toml, load_config, resume_changes, unsafe_changes
@@ -215,6 +216,7 @@ def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bo
     cfg = replace(cfg, model=replace(cfg.model, num_classes=len(classes)))  # what the model is built with
     torch.manual_seed(cfg.seed)  # the init
     model = rt.build_model(cfg, len(classes))
+    cudnn_autotune(model.devices)  # CUDA training: before calibrate() times the strategies
     check_input_geometry(cfg, model, train_ds.image_size, cache)
     if len(train_ds) < cfg.batch_size:
         raise ConfigError(f"batch_size = {cfg.batch_size} is larger than the training set ({len(train_ds)} "
@@ -295,7 +297,7 @@ def _write_start(run: Run, ck, new_run: bool, overwrite: bool, data_desc) -> Non
                "devices": [str(d) for d in model.devices] if mesh is None else
                [f"{mesh.world} ranks ({mesh.replicas} replica(s) x {mesh.columns} columns), {mesh.device} each"],
                "torch": torch.__version__, "threads": torch.get_num_threads(), "precision": cfg.precision,
-               "concurrency": concurrency}
+               "concurrency": concurrency, "cudnn_benchmark": torch.backends.cudnn.benchmark}
     rundir.start_segment(static, segment)
 
 
