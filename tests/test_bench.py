@@ -258,12 +258,14 @@ def test_busy_overlap_against_hand_computed_intervals():
 
 
 def test_precision_modes_restore_flags_and_autocast():
-    from splitnet.model.precision import precision
-    before = torch.backends.cuda.matmul.allow_tf32
+    from splitnet.model.precision import precision, tf32_allowed
+    before = tf32_allowed()
     with precision("bf16", "cpu"):
-        assert torch.is_autocast_enabled("cpu") and torch.backends.cuda.matmul.allow_tf32
+        assert torch.is_autocast_enabled("cpu") and tf32_allowed()
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    assert not torch.is_autocast_enabled("cpu") and torch.backends.cuda.matmul.allow_tf32 == before
+    with precision("fp32", "cpu"):
+        assert not tf32_allowed()
+    assert not torch.is_autocast_enabled("cpu") and tf32_allowed() == before
     with pytest.raises(ValueError, match="precision: 'fp8'"):
         with precision("fp8", "cpu"):
             pass

@@ -128,7 +128,7 @@ class DistRuntime(LocalRuntime):
         return grouped_from_columns(model.layout, weights), grouped_from_columns(model.layout, velocities)
 
     def barrier(self) -> None:
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=self.mesh.wait_group)  # outlasts dist_timeout_s (init_mesh)
 
     def failure(self, e: BaseException, run_dir, timeout_s: float) -> BaseException:
         """What this rank raises for `e`. Its own error (out of memory, a shape bug, a missing file) is
