@@ -17,6 +17,27 @@ def cache32(tmp_path_factory):
     return ensure_cache(root, home, DataConfig(image_size=32))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_unless_marked_gpu():
+    """Every test sees no GPU unless marked `gpu` (tests/cpuenv.py says why): devices left unset
+    resolve to the CPU even on a GPU machine. Session-scoped, so the module- and session-scoped runs
+    that CPU tests share are CPU runs too. Returns the real functions for the gpu tests."""
+    import torch
+    real = torch.cuda.is_available, torch.cuda.device_count
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        mp.setattr(torch.cuda, "device_count", lambda: 0)
+        yield real
+
+
+@pytest.fixture(autouse=True)
+def _gpu_tests_see_the_gpu(request, _cpu_unless_marked_gpu, monkeypatch):
+    if request.node.get_closest_marker("gpu") is not None:
+        import torch
+        monkeypatch.setattr(torch.cuda, "is_available", _cpu_unless_marked_gpu[0])
+        monkeypatch.setattr(torch.cuda, "device_count", _cpu_unless_marked_gpu[1])
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads_restored():
     """Each test starts with the process's torch thread count: training sets it from its config

@@ -258,22 +258,25 @@ def test_busy_overlap_against_hand_computed_intervals():
 
 
 def test_precision_modes_restore_flags_and_autocast():
-    from splitnet.model.precision import precision
-    before = torch.backends.cuda.matmul.allow_tf32
+    from splitnet.model.precision import precision, tf32_allowed
+    before = tf32_allowed()
     with precision("bf16", "cpu"):
-        assert torch.is_autocast_enabled("cpu") and torch.backends.cuda.matmul.allow_tf32
+        assert torch.is_autocast_enabled("cpu") and tf32_allowed()
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    assert not torch.is_autocast_enabled("cpu") and torch.backends.cuda.matmul.allow_tf32 == before
+    with precision("fp32", "cpu"):
+        assert not tf32_allowed()
+    assert not torch.is_autocast_enabled("cpu") and tf32_allowed() == before
     with pytest.raises(ValueError, match="precision: 'fp8'"):
         with precision("fp8", "cpu"):
             pass
 
 
-def test_distributed_bench_tiny():
+def test_distributed_bench_tiny(monkeypatch):
     """2 gloo ranks and 4 (2 replicas x 2 columns) under torchrun vs one process: all run, the
     exchanges are timed per layer, overlapped and flat gradient reduction are both timed, and the
     bytes every rank sent equal the layout's count."""
     from splitnet.bench.dist import distributed_vs_single
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # its ranks are subprocesses: CPU ones (tests/cpuenv.py)
     d = distributed_vs_single(batch=4, steps=1, geometry="cifar", pairs=1)  # the machinery, not the big network's speed
     assert d["single_step_s"] > 0 and d["ranks2_step_s"] > 0
     assert set(d["exchange_share"]) == {"conv3", "fc6", "fc7", "fc8"}

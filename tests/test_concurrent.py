@@ -260,7 +260,8 @@ def test_only_exchange_py_moves_tensors_between_columns():
     moving = {"to", "cat", "stack", "narrow", "copy_", "split", "chunk", "index_select", "cuda", "cpu"}
     allowed = {"self.columns[c].to(self.devices[c])",  # placing a column's parameters
                "mod.weight.copy_(w)",  # init: drawn on the CPU, copied to the column (reset_parameters)
-               "((off >= -before) & (off <= after)).to(t.dtype)"}  # LRN's band matrix: a dtype
+               "((off >= -before) & (off <= after) & same).to(dtype)",  # LRN's band matrix: a dtype
+               "(xw * dpow).to(x.dtype)", "q.addcmul_(t, xw, value=-1.0).to(x.dtype)"}  # LRN: back from float32
     found = []
     for name in ("columns.py", "concurrent.py", "layers.py"):
         text = (src / name).read_text()

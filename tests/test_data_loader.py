@@ -167,6 +167,20 @@ def test_a_replica_builds_only_its_rows_of_each_batch(cache, monkeypatch, replic
         assert _same(glued, full)
 
 
+def test_device_input_path_computes_the_lighting_shift_on_the_device(cache, monkeypatch):
+    """DeviceBatches moves each batch's random choices to the device (non_blocking, from pinned
+    memory on a GPU) before augmenting, so the lighting shift is computed there, not on the CPU
+    (which would make the side stream wait on the host). The "meta" device stands in for a GPU."""
+    from splitnet.data import DeviceBatches
+    from splitnet.data import transforms as T
+    seen = []
+    real = T.lighting_shift
+    monkeypatch.setattr(T, "lighting_shift", lambda a, *rest: (seen.append(a.device.type), real(a, *rest))[1])
+    loader = make_loader(cache, "train", 4, seed=3, epoch=0, train=True, cfg=DataConfig(workers=0), raw=True)
+    x, y = next(iter(DeviceBatches(loader, "meta", "cpu", cfg=DataConfig(workers=0), train=True)))
+    assert x.device.type == "meta" and seen and set(seen) == {"meta"}
+
+
 def test_evaluation_shards_cover_the_validation_set(cache):
     """rows=(lo, hi): contiguous shards of the validation images, in cache order, that add up to the
     whole set (runtime.DistRuntime.eval_rows shards one per replica)."""

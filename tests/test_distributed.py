@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import splitnet
+from cpuenv import cpu_env
 from reference import rel
 from splitnet.train import checkpoint as ckpt
 from splitnet.model.convert import column_tensors, grouped_from_columns
@@ -21,7 +22,7 @@ from splitnet.train.loop import read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT / "experiments" / "cifar.toml"
-ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + str(ROOT / "tests"), OMP_NUM_THREADS="1")
+ENV = cpu_env(PYTHONPATH=str(ROOT / "src") + os.pathsep + str(ROOT / "tests"), OMP_NUM_THREADS="1")
 
 
 def _port():
@@ -235,3 +236,42 @@ def test_a_ranks_own_error_is_reported_as_that(dcache, tmp_path, fault):
     assert "Traceback" in err1 and what in err1 and "rank 1 (replica 0, column 1) failed here" in err1, err1[-3000:]
     assert "Traceback" not in err0 and "rank 1 failed first" in err0 and what.split(":")[-1].strip() in err0, err0[-3000:]
     assert "died or hung" not in err0
+
+
+def test_ranks_sharing_a_gpu_are_refused_before_any_collective():
+    """NCCL refuses two ranks on one GPU only at the first collective, in its own words: init_mesh
+    names the cause and the ways out first (rank_device). CPU ranks, and gloo asked for, need no GPU."""
+    from splitnet.train.distributed import DistributedError, rank_device
+    with pytest.raises(DistributedError, match="2 ranks on this node but 1 GPU.*one process with both columns"):
+        rank_device(1, 2, 1)
+    assert rank_device(1, 2, 2) == torch.device("cuda", 1)
+    assert rank_device(1, 2, 0) == torch.device("cpu") == rank_device(1, 2, 1, backend="gloo")
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_the_exchange_collectives_keep_the_memory_format(monkeypatch, fmt):
+    """The all-gather and reduce-scatter of _GatherColumns move one flat buffer in the maps' own
+    memory order: channels_last maps stay channels_last (no copy to NCHW), and the concatenation is
+    in column order. Two ranks emulated: the other column's maps are 10x this one's, and both ranks
+    send the same gradient."""
+    import splitnet.train.distributed as D
+
+    def gather(buf, flat, group=None):  # as torch's: the ranks' tensors one after another along dim 0
+        b = flat.shape[0]
+        buf[:b].copy_(flat)
+        buf[b:].copy_(flat * 10)
+
+    def reduce_scatter(out, inp, group):  # rank 0's rows of the sum over two ranks sending inp
+        out.copy_(2 * inp[:out.shape[0]])
+
+    monkeypatch.setattr(D.dist, "all_gather_into_tensor", gather)
+    monkeypatch.setattr(D, "_reduce_scatter", reduce_scatter)
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=fmt)
+    full = D._gather_columns(x, None, 2)
+    assert torch.equal(full, torch.cat([x, 10 * x], 1)) and full.is_contiguous(memory_format=fmt)
+    g = torch.randn(2, 6, 4, 5).contiguous(memory_format=fmt)
+    mine = D._reduce_scatter_columns(g, None, 2, fmt == torch.channels_last)
+    assert torch.equal(mine, 2 * g[:, :3]) and mine.is_contiguous(memory_format=fmt)
+    fc = torch.randn(2, 7)
+    assert torch.equal(D._gather_columns(fc, None, 2), torch.cat([fc, 10 * fc], 1))
+    assert torch.equal(D._reduce_scatter_columns(torch.cat([fc, fc], 1), None, 2, False), 2 * fc)

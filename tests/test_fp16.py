@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cpuenv import CPU_DEVICES, cpu_env
 from splitnet.config import ConfigError
 from splitnet.train import checkpoint as ckpt
 from splitnet.train.config import load_config
@@ -31,7 +32,7 @@ def _sets32(cache32, *extra):
 
 
 def _cfg(cache32, *extra):
-    return load_config(CIFAR, _sets32(cache32, *extra))
+    return load_config(CIFAR, _sets32(cache32, CPU_DEVICES, *extra))  # one process: pinned on the CPU
 
 
 def _train_recs(run):
@@ -190,7 +191,7 @@ def test_torchrun_ranks_skip_the_same_steps_as_one_process(cache32, tmp_path):
     import sys
     sets = _sets32(cache32, "max_steps=5", 'precision="fp16"', f"optim.loss_scale_init={2.0 ** 19}")
     single = tmp_path / "single"
-    train(load_config(CIFAR, sets), single, progress=False)
+    train(load_config(CIFAR, [*sets, CPU_DEVICES]), single, progress=False)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -199,7 +200,7 @@ def test_torchrun_ranks_skip_the_same_steps_as_one_process(cache32, tmp_path):
            f"--master-port={port}", "-m", "splitnet", "train", "--config", str(CIFAR), "--out", str(out)]
     for item in sets:
         cmd += ["--set", item]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    env = cpu_env(PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     a, b = _train_recs(out), _train_recs(single)

@@ -108,3 +108,16 @@ def test_subpackages_import_downwards():
         graph.setdefault(part(name), set()).update(part(t) for t in targets if part(t) != part(name))
     cycle = _cycle(graph)
     assert cycle is None, "cycle between parts of the package: " + " -> ".join(cycle)
+
+
+def test_python_requires_covers_what_the_sources_use():
+    """setup.cfg's python_requires is at least the newest Python feature the sources use: tomllib and
+    BaseException.add_note are 3.11 (pip would otherwise install on 3.10 and fail at the first import)."""
+    import configparser
+    import re
+    cfg = configparser.ConfigParser()
+    cfg.read(SRC.parent / "setup.cfg")
+    low = tuple(int(v) for v in re.fullmatch(r">=\s*(\d+)\.(\d+)", cfg["options"]["python_requires"].strip()).groups())
+    text = "".join(p.read_text() for p in _modules().values())
+    needs = (3, 11) if ("import tomllib" in text or ".add_note(" in text) else (3, 8)
+    assert low >= needs, f"python_requires >= {low}, but the sources need {needs}"

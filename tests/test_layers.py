@@ -94,3 +94,75 @@ def test_dropout_zero_is_identity():
     x = torch.randn(10)
     assert torch.equal(PaperDropout(0.0).train()(x), x)
     assert torch.equal(PaperDropout(0.0).eval()(x), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lrn_under_half_autocast_computes_in_float32(dtype):
+    """conv1 maps in the hundreds (a trained network's): in float16 their squares pass 65,504 and the
+    window sums go inf. Under CPU autocast the LRN (conv1 -> LRN as in the model) must match the
+    float32 result to the half type's rounding, values and gradients, with finite output."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 48, 11, 4)
+    x = torch.randn(2, 3, 59, 59) * 150  # conv1 outputs of a few hundred
+    lrn = LocalResponseNorm()
+    ref_in = conv(x).detach().requires_grad_(True)
+    assert ref_in.abs().max() > 300
+    ref = lrn(ref_in)
+    g = torch.randn_like(ref)
+    ref_grad = torch.autograd.grad(ref, ref_in, g)[0]
+    with torch.autocast("cpu", dtype=dtype):
+        half_in = conv(x).detach().requires_grad_(True)
+        assert half_in.dtype == dtype
+        out = lrn(half_in)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    grad = torch.autograd.grad(out, half_in, g.to(dtype))[0]
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    tol = 1e-2 if dtype == torch.float16 else 5e-2  # the input's own rounding (conv in the half type)
+    assert torch.allclose(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    assert torch.allclose(grad.float(), ref_grad, rtol=tol, atol=tol * ref_grad.abs().max().item())
+
+
+def test_lrn_groups_keep_windows_in_their_column_and_the_memory_order():
+    """groups=2 (the grouped network's per-column LRN) equals the LRN of each half on its own, values
+    and gradients, and a channels_last input stays channels_last (no copy to NCHW)."""
+    x = torch.randn(2, 12, 5, 4, dtype=torch.float64) * 40
+    g = torch.randn(2, 12, 5, 4, dtype=torch.float64)
+    lrn = LocalResponseNorm()
+    xs = x.clone().requires_grad_(True)
+    halves = torch.cat([lrn(h) for h in xs.split(6, dim=1)], 1)
+    ref_grad = torch.autograd.grad(halves, xs, g)[0]
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xi = x.contiguous(memory_format=fmt).requires_grad_(True)
+        y = lrn(xi, groups=2)
+        assert y.is_contiguous(memory_format=fmt)
+        assert torch.allclose(y, halves, rtol=1e-12)
+        assert torch.allclose(torch.autograd.grad(y, xi, g.contiguous(memory_format=fmt))[0], ref_grad, rtol=1e-12)
+    with pytest.raises(ValueError, match="7 channels"):
+        lrn(torch.randn(1, 7, 2, 2), groups=2)
+
+
+def test_grouped_network_lrn_sees_channels_last_maps():
+    """The grouped baseline in channels_last: its LRN takes and gives channels_last maps, as the split
+    model's columns do (a copy to NCHW there would flatter the split model in the _cl modes)."""
+    from splitnet.model.config import ModelConfig
+    from splitnet.model.grouped import GroupedAlexNet
+    net = GroupedAlexNet(ModelConfig(num_classes=10, geometry="cifar")).to(memory_format=torch.channels_last)
+    seen = []
+    net.lrn.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    net(torch.randn(2, 3, net.input_side, net.input_side).contiguous(memory_format=torch.channels_last))
+    assert seen and all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+                        for pair in seen for t in pair)
+
+
+def test_stream_dropout_reuses_its_generator_and_draws_the_same_masks():
+    """The (seed, full, offset) stream: one generator per module and device, reseeded each call, so
+    the masks are those of a fresh generator of that seed, and a replica's rows are its rows of the
+    whole batch's mask."""
+    d = PaperDropout(0.5).train()
+    x = torch.ones(6, 10)
+    a = d(x, (11, 6, 0))
+    g = d._generators[torch.device("cpu")]
+    fresh = torch.empty(6, 10).bernoulli_(0.5, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(a, fresh) and torch.equal(d(x, (11, 6, 0)), a)
+    assert d._generators[torch.device("cpu")] is g
+    assert torch.equal(d(x[:2], (11, 6, 4)), a[4:])

@@ -36,3 +36,18 @@ def test_none_falls_back_to_cpu_with_one_log_line(caplog):
     assert m.devices == (torch.device("cpu"),) * 2
     lines = [r.getMessage() for r in caplog.records if r.name == "splitnet"]
     assert len(lines) == 1 and "CPU emulation" in lines[0]
+
+
+def test_cpu_meant_tests_run_on_the_cpu_even_with_a_gpu():
+    """conftest.py hides any GPU from tests not marked gpu (tests/cpuenv.py): devices left unset are
+    the CPU here on every machine, and subprocesses are given no GPU either."""
+    from cpuenv import cpu_env
+    assert splitnet.SplitAlexNet(num_classes=10, geometry="cifar").devices == (torch.device("cpu"),) * 2
+    assert cpu_env()["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_cudnn_autotune_is_on_for_cuda_devices_only(monkeypatch):
+    from splitnet.model.placement import cudnn_autotune
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert cudnn_autotune(("cpu", "cpu")) is False and not torch.backends.cudnn.benchmark
+    assert cudnn_autotune((torch.device("cpu"), "cuda:0")) is True and torch.backends.cudnn.benchmark

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cpuenv import cpu_env
 from splitnet.cli import main
 from splitnet.train import checkpoint as ckpt
 from splitnet.train.config import load_config
@@ -167,7 +168,7 @@ def test_sigkill_at_random_moments_then_resume_equals_the_straight_run(c32, tmp_
     straight = tmp_path / "straight"
     train(_cfg(c32, "epochs=2", "checkpoint_every=1"), straight, progress=False)
     out = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = cpu_env(PYTHONPATH=str(ROOT / "src"))
     rng = random.Random(0)
     cmd = [sys.executable, "-m", "splitnet", "train", "--config", str(CIFAR), "--out", str(out),
            *_cli_sets(c32, "epochs=2", "checkpoint_every=1")]
@@ -194,7 +195,7 @@ def test_sigterm_to_ablate_alone_stops_both_parallel_runs_saved(c32, tmp_path):
     runs = [out / "runs" / f"{n}-seed0" for n in ("paper", "no-lrn")]
     cmd = [sys.executable, "-m", "splitnet", "ablate", "--suite", "cifar", "--data", str(c32), "--out", str(out),
            "--only", "paper", "no-lrn", "--jobs", "2", "--time-reps", "1", *_cli_sets(c32, "epochs=1000", "log_every=1")]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=cpu_env(PYTHONPATH=str(ROOT / "src")), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 180
     while time.time() < deadline and not all((r / "metrics.jsonl").exists() for r in runs):
@@ -259,7 +260,7 @@ def test_a_second_process_on_the_same_run_is_refused(c32, tmp_path):
     train(_cfg(c32, "max_steps=1"), out, progress=False)
     holder = RunDir(out).lock()
     try:
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        env = cpu_env(PYTHONPATH=str(ROOT / "src"))
         p = subprocess.run([sys.executable, "-m", "splitnet", "train", "--resume", str(out), "--set", "max_steps=2"],
                            env=env, capture_output=True, text=True, timeout=120)
     finally:

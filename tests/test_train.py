@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cpuenv import cpu_env
 from splitnet.train import checkpoint as ckpt
 from splitnet.cli import main
 from splitnet.data import ensure_cache, make_synthetic
@@ -67,6 +68,7 @@ def test_run_directory_contents(straight_run):
         assert (straight_run / name).is_file(), name
     info = json.loads((straight_run / "run.json").read_text())
     assert info["commit"] and info["devices"] == ["cpu", "cpu"] and len(info["classes"]) == 10
+    assert info["cudnn_benchmark"] is torch.backends.cudnn.benchmark  # on for CUDA training only
     recs = read_metrics(straight_run)
     train_recs = [r for r in recs if r["kind"] == "train"]
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
@@ -161,7 +163,7 @@ def test_sigint_saves_and_resume_continues(cache32, tmp_path):
     """SIGINT lands mid-run (a long run, stopped after its first logged step): the step finishes, the
     run saves and exits 130; resumed to k + 2 steps it equals a straight run of k + 2 steps bitwise."""
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = cpu_env(PYTHONPATH=str(ROOT / "src"))
     cmd = [sys.executable, "-m", "splitnet", "train", "--config", str(CIFAR), "--out", str(out)]
     for s in _sets32(cache32, "max_steps=100000", "epochs=100000", "log_every=1"):
         cmd += ["--set", s]
@@ -191,6 +193,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cache32, tmp_path):
     ck = ckpt.load(out / "checkpoint.pt")
     assert ck["step"] >= 1
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_steps_read_the_loss_only_every_log_every_steps(cache32, straight32, tmp_path, monkeypatch):
+    """No host read of the loss or error inside a step (on a GPU it would stall the queue), except at
+    every log_every-th step, where the pending steps are read in one transfer; the metrics are
+    bitwise those of the run that read at every step (straight32, log_every 10 > 6 steps: all read at
+    the end, and here log_every 4: reads at step 4 and at the stop)."""
+    from splitnet.train import loop
+    reads, step_reads = [], []
+    for name in ("item", "tolist", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _r=real, **k: (reads.append(1), _r(t, *a, **k))[1])
+    real_step = loop.train_step
+
+    def counted(run, x, y):
+        before = len(reads)
+        why = real_step(run, x, y)
+        step_reads.append(len(reads) - before)
+        return why
+
+    monkeypatch.setattr(loop, "train_step", counted)
+    out = tmp_path / "run"
+    train(load_config(CIFAR, _sets32(cache32, "max_steps=6", "log_every=4")), out, progress=False)
+    assert step_reads == [0, 0, 0, 1, 0, 0]
+    strip = [{k: v for k, v in m.items() if k not in ("time", "step_s", "images_per_s")} for m in read_metrics(out)]
+    ref = [{k: v for k, v in m.items() if k not in ("time", "step_s", "images_per_s")}
+           for m in read_metrics(straight32)]
+    assert strip == ref
 
 
 def test_bad_config_key_is_one_line(tmp_path, capsys):

@@ -1,25 +1,26 @@
 """The clock of the benchmarks and the training step they time: the step `splitnet train` takes
-(train/loop.py train_step), with its optimiser, dropout and concurrency strategy."""
+(train/step.py sgd_step, shared with train/loop.py), with its optimiser, dropout and concurrency
+strategy."""
 from __future__ import annotations
 
 import math
 import statistics
 import time
+import weakref
 
 import torch
-import torch.nn.functional as F
 
-from ..data.rng import derive_seed
 from ..model.placement import synchronize
-from ..model.precision import autocast, needs_loss_scaling
+from ..model.precision import needs_loss_scaling
 from ..model.tune import calibrate, worth_calibrating
 from ..train.config import OptimConfig
-from ..train.loop import STREAM_DROPOUT
 from ..train.optim import PaperSGD, param_groups
 from ..train.runtime import LocalRuntime
 from ..train.scaler import LossScaler
+from ..train.step import sgd_step
 
 _LOCAL = LocalRuntime()
+_SCALERS = weakref.WeakKeyDictionary()  # optimiser -> its LossScaler (train_step)
 
 
 def paper_optimizer(net: torch.nn.Module, cfg: OptimConfig | None = None) -> PaperSGD:
@@ -31,26 +32,14 @@ def paper_optimizer(net: torch.nn.Module, cfg: OptimConfig | None = None) -> Pap
 
 def train_step(net, opt, x, y, step: int = 0, mode: str = "fp32", rt=_LOCAL, full_batch: int | None = None,
                offset: int = 0, seed: int = 0) -> None:
-    """One SGD step as train/loop.py takes it, on x [b, 3, S, S] and y [b] already on the devices:
-    dropout masks of the (seed, step) stream (§4.2; a net without streams, the grouped network, draws
-    from the global RNG), forward and loss under the mode's autocast, backward and gradient sync
-    through the runtime `rt` (torchrun: train/runtime.DistRuntime), loss and training error read
-    back and agreed on (the loop's NaN check and metrics), the PaperSGD update. The net must be in
-    train mode. full_batch / offset: this process's rows of the global batch (data parallel)."""
-    if hasattr(net, "set_dropout_stream"):
-        net.set_dropout_stream(derive_seed(seed, STREAM_DROPOUT, step), full_batch or len(x), offset)
-    with autocast(mode, x.device.type):
-        logits = net(x)
-        loss = F.cross_entropy(logits.float(), y) if logits is not None else None
-    opt.zero_grad(set_to_none=True)
-    scaler = LossScaler(needs_loss_scaling(mode))  # fp16: the loss scaling and unscaling training does
-    rt.backward(net, scaler.scale_loss(loss))
-    rt.sync_grads(net)
-    overflow = scaler.unscale_and_check(net.parameters())
-    lv = loss.item() if loss is not None else None
-    err = (logits.argmax(1) != y).float().mean().item() if logits is not None else None
-    rt.agree(lv or 0.0, err or 0.0, False, 0.0, overflow)
-    opt.step()
+    """One SGD step as `splitnet train` takes it: train/step.py sgd_step, the very function the loop
+    calls, on x [b, 3, S, S] and y [b] already on the devices (the net in train mode). One loss
+    scaler per optimiser, kept between calls as a run keeps its own (fp16: a fresh 2**16 scale per
+    call would skip the first steps' updates and flatter the time)."""
+    scaler = _SCALERS.get(opt)
+    if scaler is None or scaler.enabled != needs_loss_scaling(mode):
+        scaler = _SCALERS[opt] = LossScaler(needs_loss_scaling(mode))
+    sgd_step(net, opt, x, y, scaler, rt, step=step, seed=seed, mode=mode, full_batch=full_batch, offset=offset)
 
 
 def training_strategy(model, batch: int, mode: str = "fp32") -> str:

@@ -6,8 +6,10 @@ and convert to float. Moving the uint8 256x256 images instead of float32 224x224
 1/3 of the bytes over PCIe (196,608 vs 602,112 per image). The workers only gather the images and
 draw the random parameters (loader.py, raw=True); DeviceBatches then, for each batch:
 
-  1. copies it (pinned memory, non_blocking) to the device on a side CUDA stream,
-  2. runs pipeline.train_batch there (one batched gather + two elementwise kernels, pipeline._gathered),
+  1. copies it and its random choices (pinned memory, non_blocking) to the device on the side CUDA
+     stream (one per device for the whole run, not one per epoch),
+  2. runs pipeline.train_batch there (one batched gather + two elementwise kernels, pipeline._gathered;
+     the lighting shift computed on the device too: nothing waits on the host),
   3. hands it to the training step, which waits on an event for it, while the next batch is already
      queued on the side stream.
 
@@ -18,6 +20,7 @@ On a CPU device it does the same work in the main process (no stream), which the
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -37,7 +40,10 @@ class DeviceBatches:
         ds = loader.dataset
         self.dataset = ds
         self.mean = ds.mean.to(self.device)
-        self.eigvals, self.eigvecs = ds.eigvals, ds.eigvecs
+        # float32 on the device once, as lighting_shift would convert them at every batch (a blocking
+        # copy of 12 numbers from pageable memory); the same rounding, so the same shift.
+        self.eigvals, self.eigvecs = (torch.as_tensor(v, dtype=torch.float32, device=self.device)
+                                      for v in (ds.eigvals, ds.eigvecs))
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -49,7 +55,8 @@ class DeviceBatches:
             images = raw[0].to(self.device, non_blocking=True)
             y = raw[1].to(self.label_device, non_blocking=True)
             if self.train:
-                x = P.train_batch(images, raw[2], self.mean, self.eigvals, self.eigvecs, self.cfg)
+                params = raw[2].to(self.device, non_blocking=True)
+                x = P.train_batch(images, params, self.mean, self.eigvals, self.eigvecs, self.cfg)
             else:
                 x = P.eval_batch(images, self.mean, self.cfg, ten=self.ten)
             event = None
@@ -59,7 +66,7 @@ class DeviceBatches:
         return x, y, event
 
     def __iter__(self):
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        stream = side_stream(self.device) if self.device.type == "cuda" else None
         it = iter(self.loader)
         pending = None
         for raw in it:
@@ -80,4 +87,11 @@ class DeviceBatches:
         return x, y
 
 
-__all__ = ["DeviceBatches"]
+@functools.lru_cache(maxsize=None)
+def side_stream(device: torch.device):
+    """The CUDA stream batches are finished on, one per device for the process: a new one per epoch
+    (per DeviceBatches) costs a stream creation and leaves the allocator one more stream's pools."""
+    return torch.cuda.Stream(device)
+
+
+__all__ = ["DeviceBatches", "side_stream"]

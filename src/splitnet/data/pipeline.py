@@ -41,6 +41,12 @@ class AugmentParams:
     def pin_memory(self) -> "AugmentParams":  # DataLoader(pin_memory=True) calls this
         return AugmentParams(*(getattr(self, f).pin_memory() for f in ("dy", "dx", "flip", "alpha")))
 
+    def to(self, device, non_blocking: bool = False) -> "AugmentParams":
+        """The same choices on `device` (the device input path: from pinned memory, non_blocking, so
+        the copy is queued rather than waited for, and the lighting shift is computed there)."""
+        return AugmentParams(*(getattr(self, f).to(device, non_blocking=non_blocking)
+                               for f in ("dy", "dx", "flip", "alpha")))
+
 
 SMALL_CROP = 32  # crops up to this side are built by the batched gather on a CPU too (train_batch)
 N_UNIFORMS = 7  # per sample: 2 crop offsets, 1 flip, 4 for the three lighting alphas (Box-Muller)
@@ -75,8 +81,8 @@ def train_batch(images: torch.Tensor, params: AugmentParams, mean: torch.Tensor 
     if cfg.random_crop:
         dy, dx = params.dy, params.dx
     else:  # "no crops" ablation: the centre patch every time
-        dy = dx = torch.full((b,), T.center_offset(s, cfg.crop_size), dtype=torch.int64)
-    flips = params.flip if cfg.flip else torch.zeros(b, dtype=torch.bool)
+        dy = dx = torch.full((b,), T.center_offset(s, cfg.crop_size), dtype=torch.int64, device=images.device)
+    flips = params.flip if cfg.flip else torch.zeros(b, dtype=torch.bool, device=images.device)
     shift = T.lighting_shift(params.alpha, eigvals, eigvecs, cfg.lighting_units) if cfg.lighting else None
     if not (cfg.mean_subtraction and mean is not None):
         mean = None

@@ -60,10 +60,10 @@ class GroupedAlexNet(nn.Module):
             if row.act:
                 x = self.act(x)
             if row.lrn and self.lrn is not None:
-                g = 1 if row.lrn_cross else self.columns_of[row.name]
-                b, c, h, w = x.shape
-                # Per-column LRN: fold the groups into the batch so the window stays in its column.
-                x = self.lrn(x.reshape(b * g, c // g, h, w)).reshape(b, c, h, w)
+                # Per-column LRN (§3.3): each window stays in its column's maps, in x's own memory
+                # order (folding the columns into the batch would copy channels_last maps to NCHW, a
+                # cost the split model does not pay, which flattered it in the _cl precisions).
+                x = self.lrn(x, groups=1 if row.lrn_cross else self.columns_of[row.name])
             if row.pool:
                 x = F.max_pool2d(x, row.pool[0], row.pool[1])
             if row.dropout:

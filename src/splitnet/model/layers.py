@@ -1,6 +1,8 @@
 """The paper's non-standard layers: local response normalisation (§3.3) and dropout (§4.2)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -22,28 +24,44 @@ class LocalResponseNorm(nn.Module):
             raise ValueError(f"lrn_convention: {convention!r} is not 'paper' or 'code'")
         self.size, self.alpha, self.beta, self.k, self.convention = size, alpha, beta, k, convention
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """groups: x [B, C, H, W] holds `groups` columns' maps side by side (the grouped network);
+        each window stays inside its own column's C // groups channels."""
+        if x.shape[1] % groups:
+            raise ValueError(f"LRN: {x.shape[1]} channels do not split into {groups} columns")
         # The per-element coefficient of the window sum: the paper's alpha, or the code's alpha / n.
         a = self.alpha if self.convention == "paper" else self.alpha / self.size
-        return _LRN.apply(x, self.size, a, self.beta, self.k)
+        return _LRN.apply(x, self.size, a, self.beta, self.k, groups)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, convention={self.convention}"
 
 
-def _window_sum(t: torch.Tensor, before: int, after: int, scale: float = 1.0) -> torch.Tensor:
-    """s[:, i] = scale * sum of t[:, j] for j in [i - before, i + after] inside 0..C-1 (zero beyond
-    the edges).
-
-    One matrix product with the banded matrix band[i, j] = scale * [i - before <= j <= i + after],
-    taken along the channel axis in the tensor's own memory order ([B, HW, C] @ band^T for
-    channels_last, band @ [B, C, HW] otherwise); the scale rides on the tiny band, not on a pass over
-    t. It replaced a loop of shifted slice additions: about 2x faster on a CPU for 16 to 48 channels
-    per column, where the window sum dominated the LRN's time."""
-    c = t.shape[1]
-    i = torch.arange(c, device=t.device)
+@functools.lru_cache(maxsize=64)
+def _band(c: int, before: int, after: int, scale: float, groups: int, dtype: torch.dtype,
+          device: torch.device) -> torch.Tensor:
+    """band[i, j] = scale * [i - before <= j <= i + after and i, j in the same group of c // groups
+    channels], [c, c]. Built once per shape and reused (a CUDA step would otherwise launch its few
+    kernels on every LRN call, forward and backward). groups > 1 is block-diagonal: the grouped
+    network's per-column LRN (§3.3) without folding the columns into the batch, which would copy a
+    channels_last tensor to NCHW. Callers never write into it."""
+    i = torch.arange(c, device=device)
     off = i[None, :] - i[:, None]  # off[i, j] = j - i
-    band = ((off >= -before) & (off <= after)).to(t.dtype) * scale
+    same = (i[:, None] // (c // groups)) == (i[None, :] // (c // groups))
+    return ((off >= -before) & (off <= after) & same).to(dtype) * scale
+
+
+def _window_sum(t: torch.Tensor, before: int, after: int, scale: float = 1.0, groups: int = 1) -> torch.Tensor:
+    """s[:, i] = scale * sum of t[:, j] for j in [i - before, i + after] inside i's group of channels
+    (zero beyond its edges).
+
+    One matrix product with the banded matrix _band, taken along the channel axis in the tensor's
+    own memory order ([B, HW, C] @ band^T for channels_last, band @ [B, C, HW] otherwise); the scale
+    rides on the tiny band, not on a pass over t. It replaced a loop of shifted slice additions:
+    about 2x faster on a CPU for 16 to 48 channels per column, where the window sum dominated the
+    LRN's time."""
+    c = t.shape[1]
+    band = _band(c, before, after, float(scale), groups, t.dtype, t.device)
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.matmul(t.permute(0, 2, 3, 1), band.t()).permute(0, 3, 1, 2)
     return torch.matmul(band, t.reshape(t.shape[0], c, -1)).view_as(t)
@@ -72,20 +90,36 @@ class _LRN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, size: int, alpha: float, beta: float, k: float):
-        d = _window_sum(x * x, size // 2, (size - 1) // 2, alpha).add_(k)
-        dpow = _neg_pow(d, beta)
+    def forward(ctx, x, size: int, alpha: float, beta: float, k: float, groups: int = 1):
+        # float16 ends at 65,504: conv1 maps of a few hundred (a trained network's magnitudes) square
+        # past it, the window sums turn inf and the output NaN. So the squares, window sums and power
+        # are float32 under any autocast, CPU or CUDA (autocast would also send the window sum's
+        # matmul back to float16), and only the output returns to x's dtype for the next layer.
+        with torch.autocast(x.device.type, enabled=False):
+            xw = _wide(x)
+            d = _window_sum(xw * xw, size // 2, (size - 1) // 2, alpha, groups).add_(k)
+            dpow = _neg_pow(d, beta)
+            out = (xw * dpow).to(x.dtype)
         ctx.save_for_backward(x, d, dpow)
-        ctx.size, ctx.alpha, ctx.beta = size, alpha, beta
-        return x * dpow
+        ctx.size, ctx.alpha, ctx.beta, ctx.groups = size, alpha, beta, groups
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, d, dpow = ctx.saved_tensors
-        q = g * dpow
-        t = _window_sum((q * x).div_(d), (ctx.size - 1) // 2, ctx.size // 2, 2 * ctx.beta * ctx.alpha)
-        return q.addcmul_(t, x, value=-1.0), None, None, None, None
+        with torch.autocast(x.device.type, enabled=False):  # float32, as the forward
+            xw = _wide(x)
+            q = _wide(g) * dpow
+            t = _window_sum((q * xw).div_(d), (ctx.size - 1) // 2, ctx.size // 2, 2 * ctx.beta * ctx.alpha,
+                            ctx.groups)
+            dx = q.addcmul_(t, xw, value=-1.0).to(x.dtype)
+        return dx, None, None, None, None, None
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 when it is a half type (float16, bfloat16); float32 and float64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class PaperDropout(nn.Module):
@@ -104,6 +138,16 @@ class PaperDropout(nn.Module):
         if mode not in ("paper", "inverted"):
             raise ValueError(f"dropout_mode: {mode!r} is not 'paper' or 'inverted'")
         self.p, self.mode = p, mode
+        self._generators = {}  # device -> this layer's generator, reseeded per call (see _generator)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """One generator per device for this module, reseeded on every call: creating one (a CUDA
+        generator especially) on every dropout call of every step is host work the step waits for.
+        Not shared between modules: two columns' threads or streams may draw at the same time."""
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = torch.Generator(device=device)
+        return g
 
     def forward(self, x: torch.Tensor, stream: tuple | None = None) -> torch.Tensor:
         """stream: None draws the mask from the global RNG; (seed, full_batch, offset) draws the mask
@@ -118,8 +162,11 @@ class PaperDropout(nn.Module):
                 mask = torch.empty_like(x).bernoulli_(keep)
             else:
                 seed, full, offset = stream
-                g = torch.Generator(device=x.device)
+                g = self._generator(x.device)
                 g.manual_seed(seed)
+                # All `full` rows, though a replica keeps only its own: which value row r draws depends
+                # on the generator's whole sequence (on a GPU, on the kernel's launch shape), so only
+                # the full draw gives every replica exactly its rows of the one-process mask.
                 mask = torch.empty((full, *x.shape[1:]), device=x.device, dtype=x.dtype)
                 mask = mask.bernoulli_(keep, generator=g)[offset:offset + x.shape[0]]
             if self.mode == "inverted":

@@ -26,6 +26,17 @@ def synchronize(devices) -> None:
             torch.cuda.synchronize(d)
 
 
+def cudnn_autotune(devices) -> bool:
+    """Let cuDNN time its convolution algorithms once per shape (torch.backends.cudnn.benchmark) when
+    any of `devices` is a GPU: a training run repeats the same shapes for hours, and the default
+    heuristic choice can be several times slower. Returns whether it is on (recorded in run.json).
+    It makes GPU runs not bitwise repeatable (the algorithm may change between runs); the CPU is
+    unaffected."""
+    if any(torch.device(d).type == "cuda" for d in devices):
+        torch.backends.cudnn.benchmark = True
+    return bool(torch.backends.cudnn.benchmark)
+
+
 def check_device(dev: torch.device, column: int) -> torch.device:
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -61,14 +61,34 @@ def memory_format(mode: str) -> torch.memory_format:
 @contextlib.contextmanager
 def tf32(mode: str):
     """The TF32 switches of `mode` (process-wide torch flags, restored after). They govern the
-    backward pass too, so a training run holds them for the whole run."""
+    backward pass too, so a training run holds them for the whole run. Newer torch (fp32_precision)
+    deprecates the allow_tf32 flags and warns when both are used: one API or the other, never both."""
     allow = PRECISIONS[check(mode)][0]
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+    flags = _tf32_flags()
+    saved = [getattr(obj, name) for obj, name, _ in flags]
+    for obj, name, values in flags:
+        setattr(obj, name, values[allow])
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for (obj, name, _), v in zip(flags, saved):
+            setattr(obj, name, v)
+
+
+def tf32_allowed() -> bool:
+    """Whether TF32 matmuls are allowed now, read through the API tf32() sets (torch raises when a
+    flag set through one API is read through the other)."""
+    obj, name, values = _tf32_flags()[0]
+    return getattr(obj, name) == values[True]
+
+
+def _tf32_flags() -> list:
+    """[(object, attribute, (value without TF32, value with))] for matmuls and convolutions."""
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):
+        return [(b.cuda.matmul, "fp32_precision", ("ieee", "tf32")),
+                (b.cudnn.conv, "fp32_precision", ("ieee", "tf32"))]
+    return [(b.cuda.matmul, "allow_tf32", (False, True)), (b.cudnn, "allow_tf32", (False, True))]
 
 
 def autocast(mode: str, device_type: str):
@@ -85,5 +105,5 @@ def precision(mode: str, device_type: str):
         yield
 
 
-__all__ = ["PRECISIONS", "precision", "tf32", "autocast", "memory_format", "autocast_dtype", "needs_loss_scaling",
+__all__ = ["PRECISIONS", "precision", "tf32", "tf32_allowed", "autocast", "memory_format", "autocast_dtype", "needs_loss_scaling",
            "check"]

@@ -92,7 +92,7 @@ class TrainConfig:
     eval_max_batches: int = 0  # cap on validation batches per evaluation, spread over the classes (0: all)
     eval_at_stop: bool = True  # evaluate when max_steps / max_minutes stop a run mid-epoch
     checkpoint_every: int = 0  # also checkpoint every this many steps (0: at each epoch end only)
-    log_every: int = 10  # progress lines every this many steps when output is not a terminal
+    log_every: int = 10  # progress lines every this many steps (no terminal); losses read off the device as often
     threads: int = 0  # torch intra-op threads (0: torch's default)
     # how one process runs its columns at once: "auto", "sequential", "threads", "streams" (model/concurrent.py)
     concurrency: str = "auto"

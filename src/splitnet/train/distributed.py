@@ -17,8 +17,10 @@ back, so no rank receives maps it does not read. Either way each rank sends exac
 the layout's table (its forward maps, and the gradients of what it read), which `expected_traffic`
 counts from the table and `traffic` from the collectives (bench/dist.py reports both). The collectives
 need equal slices: a layout whose columns feed a crossing layer unequal widths is refused when the
-model is built, naming the layer. Tensors are made contiguous before each collective (the known
-pitfall of gathering views). A rank that does not read a crossing layer still takes part in its
+model is built, naming the layer. The all-gather and reduce-scatter move one flat buffer each
+(all_gather_into_tensor / reduce_scatter_tensor: the list forms copy every part once more), laid out
+in the maps' own memory order, so channels_last maps stay channels_last (a .contiguous() would copy
+them to NCHW and the next convolution back). A rank that does not read a crossing layer still takes part in its
 collectives, and backpropagates a zero through its placeholder so that the backward collectives line
 up on every rank.
 """
@@ -65,6 +67,8 @@ class Mesh:
     device: torch.device
     column_group: object = None
     data_group: object = None
+    wait_group: object = None  # gloo, no practical timeout: the wait for rank 0's data preparation
+
 
     @property
     def is_main(self) -> bool:
@@ -87,12 +91,10 @@ def init_mesh(columns: int, timeout_s: float = 300.0, backend: str | None = None
     if world % columns:
         raise DistributedError(f"WORLD_SIZE={world} is not a multiple of the layout's {columns} columns: "
                                f"run {columns}, {2 * columns}, {3 * columns}, ... processes")
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local % torch.cuda.device_count())
+    device = rank_device(int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                         torch.cuda.device_count() if torch.cuda.is_available() else 0, backend)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
@@ -109,10 +111,70 @@ def init_mesh(columns: int, timeout_s: float = 300.0, backend: str | None = None
         g = dist.new_group([r * columns + c for r in range(replicas)], timeout=timeout)
         if c == mesh.column:
             mesh.data_group = g
+    # Rank 0 may prepare a data set for hours while the others wait (loop._start): that wait must not
+    # fall under dist_timeout_s, which is meant for a rank that died or hangs in a step. torchrun
+    # still stops the others if rank 0 fails.
+    mesh.wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
     if mesh.is_main:
         log.info("distributed: %d ranks = %d replica(s) x %d column(s), %s, backend %s", world, replicas,
                  columns, device, backend)
     return mesh
+
+
+def rank_device(local_rank: int, local_world: int, gpus: int, backend: str | None = None) -> torch.device:
+    """This rank's device: its own GPU (LOCAL_RANK), or the CPU where the node has none. Ranks
+    sharing a GPU are refused here, before any collective: NCCL rejects two ranks on one device
+    (its error comes at the first collective and names neither the cause nor the fix)."""
+    if gpus == 0 or backend == "gloo":
+        return torch.device("cpu")
+    if local_world > gpus:
+        raise DistributedError(
+            f"{local_world} ranks on this node but {gpus} GPU(s): NCCL cannot put two ranks on one GPU. "
+            f"Run --nproc-per-node={gpus} or fewer, or one process with both columns on one GPU "
+            f"(`splitnet train` without torchrun, devices unset), or the ranks on the CPU with gloo "
+            f"(CUDA_VISIBLE_DEVICES= torchrun ...)")
+    return torch.device("cuda", local_rank)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _rows(x: torch.Tensor, cl: bool) -> torch.Tensor:
+    """x [B, w, ...] as a contiguous tensor whose channel axis is the last (channels_last: [B, H, W, w],
+    a view) or the second (NCHW, fc: x itself): the buffer a collective sends, in x's memory order."""
+    return x.permute(0, 2, 3, 1) if cl else x.contiguous()
+
+
+def _gather_columns(x: torch.Tensor, group, columns: int) -> torch.Tensor:
+    """all-gather x [B, w, ...] -> [B, C w, ...] in column order, keeping x's memory format."""
+    cl = _channels_last(x)
+    flat = _rows(x, cl)
+    buf = flat.new_empty((columns * flat.shape[0], *flat.shape[1:]))  # the ranks' buffers along dim 0
+    dist.all_gather_into_tensor(buf, flat, group=group)
+    ch = flat.dim() - 1 if cl else 1  # the channel axis of flat
+    full = buf.view(columns, *flat.shape).movedim(0, ch).reshape(*flat.shape[:ch], columns * flat.shape[ch], *flat.shape[ch + 1:])
+    return full.permute(0, 3, 1, 2) if cl else full
+
+
+def _reduce_scatter_columns(grad: torch.Tensor, group, columns: int, cl: bool) -> torch.Tensor:
+    """The backward of _gather_columns: grad [B, C w, ...] -> this column's [B, w, ...], summed over
+    the ranks, in the memory format the forward's maps had."""
+    g = grad.permute(0, 2, 3, 1) if cl else grad
+    ch = g.dim() - 1 if cl else 1
+    w = g.shape[ch] // columns
+    parts = g.reshape(*g.shape[:ch], columns, w, *g.shape[ch + 1:]).movedim(ch, 0).contiguous()
+    mine = parts.new_empty(parts.shape[1:])
+    _reduce_scatter(mine, parts.view(-1, *parts.shape[2:]), group)  # rank r's part: rows r*B..(r+1)*B
+    return mine.permute(0, 3, 1, 2) if cl else mine
+
+
+# reduce_scatter_single where torch has it (reduce_scatter_tensor warns there), else the older name.
+_reduce_scatter_fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    _reduce_scatter_fn(out, inp, group=group)
 
 
 class _GatherColumns(torch.autograd.Function):
@@ -122,18 +184,13 @@ class _GatherColumns(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, columns):
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(columns)]
-        dist.all_gather(parts, x, group=group)
+        ctx.group, ctx.columns, ctx.cl = group, columns, _channels_last(x)
         count_sent("exchange", (columns - 1) * _nbytes(x))
-        ctx.group, ctx.columns = group, columns
-        return torch.cat(parts, 1)
+        return _gather_columns(x, group, columns)
 
     @staticmethod
     def backward(ctx, grad):
-        slices = [g.contiguous() for g in grad.chunk(ctx.columns, dim=1)]
-        mine = torch.empty_like(slices[0])
-        dist.reduce_scatter(mine, slices, group=ctx.group)
+        mine = _reduce_scatter_columns(grad, ctx.group, ctx.columns, ctx.cl)
         count_sent("exchange", (ctx.columns - 1) * _nbytes(mine))
         return mine, None, None
 

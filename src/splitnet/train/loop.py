@@ -11,6 +11,11 @@ uninterrupted run (bitwise on the CPU). Budgets (max_steps, max_minutes) are run
 SIGTERM finish the current step, save and exit; a NaN loss stops the run, keeping the last good
 checkpoint. In fp16 a step whose gradients overflow is skipped (not applied, but counted and logged)
 and the loss scale halved (scaler.py).
+
+The step itself is train/step.py's sgd_step, the one the benchmarks time. Its loss and training
+error stay on the device and are read every log_every steps (_read_pending), so the host can queue
+the next step while a GPU works: a NaN loss stops the run at that read, at most log_every - 1 steps
+after the step it names, and always before anything is evaluated or checkpointed.
 """
 from __future__ import annotations
 
@@ -22,13 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ConfigError, replace, to_dict
 from ..data import PackedDataset, resolve_data
 from ..data.cache import identity
-from ..data.rng import derive_seed
-from ..model.precision import autocast, memory_format, needs_loss_scaling, tf32
+from ..model.precision import memory_format, needs_loss_scaling, tf32
+from ..model.placement import cudnn_autotune
 from ..model.tune import calibrate, worth_calibrating
 from . import checkpoint as ckpt
 from .config import (TrainConfig, check_num_classes, config_changes, dump_toml, load_config, read_toml,
@@ -41,10 +45,9 @@ from .rundir import (Metrics, RunDir, RunError, atomic_write_text, budget_fracti
 from .runtime import make_runtime
 from .scaler import LossScaler
 from .state import TrainState
+from .step import STREAM_DROPOUT, host_floats, sgd_step  # noqa: F401 (STREAM_DROPOUT: re-exported)
 
 log = logging.getLogger("splitnet")
-
-STREAM_DROPOUT = 3  # derive_seed stream for dropout masks (data/rng.py uses 1 and 2)
 
 __all__ = ["train", "train_one_epoch", "end_of_epoch", "train_or_resume", "check_same_experiment", "read_metrics",
            "TrainingError"]
@@ -75,6 +78,7 @@ class Run:
     stop: StopFlag = field(default_factory=StopFlag)
     scaler: LossScaler = field(default_factory=lambda: LossScaler(enabled=False))  # fp16's loss scaler
     t0: float = field(default_factory=time.time)  # this segment's start
+    pending: list = field(default_factory=list)  # train records whose loss and error are not read yet
     elapsed0: float = 0.0  # training time of the segments before this one
 
     def elapsed(self) -> float:
@@ -86,6 +90,7 @@ class Run:
 
     def save(self) -> None:
         """checkpoint.pt: weights, velocities and the TrainState (every rank takes part)."""
+        _read_pending(self)  # a NaN since the last read stops the run before its weights are saved
         self.state.elapsed_s = self.elapsed()
         self.state.scaler = self.scaler.state_dict()
         self._write(self.dir.checkpoint, velocities=True)
@@ -218,6 +223,7 @@ def _start(cfg: TrainConfig, rundir: RunDir, ck, changes: dict, rt, progress: bo
     cfg = replace(cfg, model=replace(cfg.model, num_classes=len(classes)))  # what the model is built with
     torch.manual_seed(cfg.seed)  # the init
     model = rt.build_model(cfg, len(classes))
+    cudnn_autotune(model.devices)  # CUDA training: before calibrate() times the strategies
     check_input_geometry(cfg, model, train_ds.image_size, cache)
     if len(train_ds) < cfg.batch_size:
         raise ConfigError(f"batch_size = {cfg.batch_size} is larger than the training set ({len(train_ds)} "
@@ -301,7 +307,7 @@ def _write_start(run: Run, ck, new_run: bool, overwrite: bool, data_desc) -> Non
                "devices": [str(d) for d in model.devices] if mesh is None else
                [f"{mesh.world} ranks ({mesh.replicas} replica(s) x {mesh.columns} columns), {mesh.device} each"],
                "torch": torch.__version__, "threads": torch.get_num_threads(), "precision": cfg.precision,
-               "concurrency": concurrency}
+               "concurrency": concurrency, "cudnn_benchmark": torch.backends.cudnn.benchmark}
     rundir.start_segment(static, segment)
 
 
@@ -373,60 +379,64 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> str | None:
     x = x.to(model.devices[model.local[0]], non_blocking=True).contiguous(memory_format=memory_format(cfg.precision))
     y = y.to(model.devices[model.layout.head], non_blocking=True)
     # Dropout masks from (seed, step): identical on every placement and after a resume.
-    model.set_dropout_stream(derive_seed(cfg.seed, STREAM_DROPOUT, st.step), global_batch, offset)
-    with autocast(cfg.precision, x.device.type):  # forward and loss; backward follows
-        logits = model(x)
-        loss = F.cross_entropy(logits.float(), y) if logits is not None else None
-    run.opt.zero_grad(set_to_none=True)
-    scaler = run.scaler  # fp16: backward the scaled loss, unscale after the replicas' average
-    rt.backward(model, scaler.scale_loss(loss))
-    rt.sync_grads(model)
-    overflow = scaler.unscale_and_check(model.parameters())  # this rank's gradients; agreed below
-    lv = loss.item() if loss is not None else None  # the unscaled loss
-    err = (logits.argmax(1) != y).float().mean().item() if logits is not None else None
-    lv, err, signalled, elapsed, overflow = rt.agree(lv, err, run.stop.signal is not None, run.elapsed(), overflow)
-    if not math.isfinite(lv):  # in fp16 too: an inf gradient is skipped below, a non-finite loss stops
-        raise TrainingError(
-            f"loss is {lv} at step {st.step + 1} (epoch {st.epoch}); stopped. {run.dir.what_is_kept()}. "
-            f"Lower optim.lr or check the data.")
-    scale = scaler.scale
-    _update_or_skip(run, overflow)
+    res = sgd_step(model, run.opt, x, y, run.scaler, rt, step=st.step, seed=cfg.seed, mode=cfg.precision,
+                   full_batch=global_batch, offset=offset, signalled=run.stop.signal is not None,
+                   elapsed=run.elapsed())
     st.step += 1
     st.batch += 1
     dt = time.time() - t0
-    # step_s: this step's compute (batch in hand to update done); time: the wall clock, whose
-    # differences also count the waits for data (bench.input_path). fp16 records add loss_scale (the
-    # scale this step's backward used) and, on a skipped step, skipped: true.
-    fp16 = {"loss_scale": scale, **({"skipped": True} if overflow else {})} if scaler.enabled else {}
-    run.log(kind="train", step=st.step, epoch=st.epoch, batch=st.batch, loss=lv, train_top1_err=err, lr=st.lr,
-            step_s=dt, images_per_s=global_batch / dt, time=time.time(), **fp16)
-    run.bar.update(st.step, st.epoch, lv, st.lr, global_batch / dt)
-    _budget_drops(run, elapsed)  # for the next step
-    why = "interrupted" if signalled else budget_reached(cfg, st.step, st.epoch, elapsed, steps=False)
+    # step_s: this step's compute as the host saw it (batch in hand to update queued; on a GPU the
+    # kernels may still run); time: the wall clock, whose differences also count the waits for data
+    # (bench.input_path). fp16 records add loss_scale (the scale this step's backward used) and, on
+    # a skipped step, skipped: true.
+    fp16 = {"loss_scale": res.scale, **({"skipped": True} if res.overflow else {})} if run.scaler.enabled else {}
+    run.pending.append(dict(kind="train", step=st.step, epoch=st.epoch, batch=st.batch, loss=res.loss,
+                            train_top1_err=res.err, lr=st.lr, step_s=dt, images_per_s=global_batch / dt,
+                            time=time.time(), **fp16))
+    if res.overflow or st.step % cfg.log_every == 0:
+        _read_pending(run)  # on an overflow first: a non-finite loss stops the run, not the skip
+    if res.overflow:
+        _skipped(run, res.scale)
+    _budget_drops(run, res.elapsed)  # for the next step
+    why = "interrupted" if res.signalled else budget_reached(cfg, st.step, st.epoch, res.elapsed, steps=False)
     if not why and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
         run.save()
     return why
 
 
-def _update_or_skip(run: Run, overflow: bool) -> None:
-    """The PaperSGD update, unless fp16 gradients overflowed on any rank (`overflow`, agreed): then it
-    is skipped, weights and velocities stay as they were, and the loss scale backs off (scaler.py).
-    A skipped step still counts (its batch is consumed), so the batches, dropout streams and budgets
+def _read_pending(run: Run) -> None:
+    """Read the losses and errors of the steps since the last read off the device (one transfer for
+    all) and write their records and progress; a non-finite loss stops the run (TrainingError) at the
+    step it names. The values are bitwise what .item() at each step gave."""
+    recs, run.pending = run.pending, []
+    if not recs:
+        return
+    n = len(recs)
+    vals = host_floats([r["loss"] for r in recs] + [r["train_top1_err"] for r in recs])
+    for r, lv, err in zip(recs, vals[:n], vals[n:]):
+        if not math.isfinite(lv):  # in fp16 too: an inf gradient is skipped, a non-finite loss stops
+            raise TrainingError(
+                f"loss is {lv} at step {r['step']} (epoch {r['epoch']}); stopped. {run.dir.what_is_kept()}. "
+                f"Lower optim.lr or check the data.")
+        r.update(loss=lv, train_top1_err=err)
+        run.log(**r)
+        run.bar.update(r["step"], r["epoch"], lv, r["lr"], r["images_per_s"])
+
+
+def _skipped(run: Run, scale: float) -> None:
+    """After a step whose fp16 gradients overflowed on some rank (agreed): sgd_step skipped the
+    update, weights and velocities stay as they were, and the loss scale backed off (scaler.py). A
+    skipped step still counts (its batch is consumed), so the batches, dropout streams and budgets
     of the steps after it, and a resume, stay aligned with the step count."""
     st, scaler = run.state, run.scaler
-    scale = scaler.scale
-    scaler.update(overflow)
-    if not overflow:
-        run.opt.step()
-        return
     if scaler.exhausted:
         raise TrainingError(
-            f"gradients overflow at every loss scale (down to {scale:g}) at step {st.step + 1}; stopped. "
+            f"gradients overflow at every loss scale (down to {scale:g}) at step {st.step}; stopped. "
             f"{run.dir.what_is_kept()}. "
             f"Lower optim.lr or train in fp32/bf16.")
     if run.rt.is_main:
         log.info("step %d: fp16 gradients overflow at loss scale %g; update skipped, scale -> %g",
-                 st.step + 1, scale, scaler.scale)
+                 st.step, scale, scaler.scale)
 
 
 def _budget_drops(run: Run, elapsed: float) -> None:
@@ -469,6 +479,7 @@ def end_of_epoch(run: Run) -> None:
 
 def _evaluate(run: Run, at_stop: bool = False) -> dict:
     """Validation errors now; logged, kept as last_eval, and saved as best.pt when the best so far."""
+    _read_pending(run)  # the steps' records before the evaluation's, and no evaluation after a NaN
     st = run.state
     res = evaluate_split(run.model, run.cache, run.val_ds, run.cfg, run.rt)
     st.last_eval = res

@@ -44,7 +44,8 @@ class LocalRuntime:
     def agree(self, loss: float, err: float, signalled: bool, elapsed_s: float, overflow: bool = False) -> tuple:
         """(global loss, global train error, whether a stop signal came, the run's elapsed time,
         whether any process's gradients overflowed (fp16: train/scaler.py)), the same on every
-        process: budget and skip decisions made from them agree across ranks."""
+        process: budget and skip decisions made from them agree across ranks. One process returns
+        loss and err as given (device tensors, read later: train/step.py)."""
         return loss, err, signalled, elapsed_s, overflow
 
     def eval_result(self, misses: dict, n: int) -> dict:
@@ -106,10 +107,11 @@ class DistRuntime(LocalRuntime):
         # One collective per step also carries the stop flag, the clocks (their mean) and the fp16
         # overflow flags (each rank checks its own column's gradients), so all ranks stop, drop eps
         # on a time budget, and skip an overflowing step, at the same step.
+        # loss and err may be device tensors (train/step.py): the collective reads them anyway.
         m = self.mesh
         total_loss, total_err, sig, clock, inf = self.D.reduce_scalars(
-            [0.0 if loss is None else loss, 0.0 if err is None else err, float(signalled), float(elapsed_s),
-             float(overflow)], m)
+            [0.0 if loss is None else float(loss), 0.0 if err is None else float(err), float(signalled),
+             float(elapsed_s), float(overflow)], m)
         return total_loss / m.replicas, total_err / m.replicas, sig > 0, clock / m.world, inf > 0
 
     def eval_result(self, misses, n):
@@ -126,7 +128,7 @@ class DistRuntime(LocalRuntime):
         return grouped_from_columns(model.layout, weights), grouped_from_columns(model.layout, velocities)
 
     def barrier(self) -> None:
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=self.mesh.wait_group)  # outlasts dist_timeout_s (init_mesh)
 
     def failure(self, e: BaseException, run_dir, timeout_s: float) -> BaseException:
         """What this rank raises for `e`. Its own error (out of memory, a shape bug, a missing file) is
