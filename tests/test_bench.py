@@ -94,6 +94,9 @@ def test_bench_tiny(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(bm.MatmulPeak, "sample", logged_sample)
     monkeypatch.setattr(bm, "train_step", logged_step)
+    import splitnet.bench.cli as bcli  # the bf16 section at the CIFAR scale only (test_cpu_bf16_ratio)
+    full = bcli.bf16_vs_fp32
+    monkeypatch.setattr(bcli, "bf16_vs_fp32", lambda b, r, cifar_batch: full(b, 1, cifar_batch, geometries=("cifar",)))
     out = tmp_path / "bench.json"
     reps = 3
     assert main(["bench", "--batch", "2", "--reps", str(reps), "--placements", "cpu", "--no-data",
@@ -136,7 +139,8 @@ def test_bench_tiny(tmp_path, capsys, monkeypatch):
     o = res["overlap"]["cpu_threads"]
     assert o["lanes"] == 2 and 0 < o["both_s"] <= o["busy_s"]
     printed = capsys.readouterr().out
-    assert "/grouped" in printed and "[goals]" in printed
+    assert "/grouped" in printed and "[goals]" in printed and "[cpu bf16] flags" in printed
+    assert res["cpu_bf16"]["cifar"]["modes"] == ["fp32_cl", "bf16_cl"]
     assert "training FLOPs per image 4.136 G" in printed
     assert "utilisation of the measured float32 matmul peak" in printed and "utilisation of the nominal peak" in printed
     g = {x["key"]: x for x in res["goals"]}
@@ -323,3 +327,15 @@ def test_missing_gpu_is_one_line(capsys):
         pytest.skip("a GPU is present")
     assert main(["bench", "--placements", "cuda", "--no-data"]) == 2
     assert "placement 'cuda' asked for, but only 0 CUDA device(s)" in capsys.readouterr().err
+
+
+def test_cpu_bf16_ratio_is_the_interleaved_rounds_ratio_and_flags_come_from_cpuinfo():
+    from splitnet.bench.cpu_bf16 import bf16_vs_fp32, cpu_flags
+    fake = "processor : 0\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16 amx_tile amx_bf16\n"
+    assert cpu_flags(fake) == ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
+    assert cpu_flags("flags : sse avx2\n") == ["avx2"]
+    r = bf16_vs_fp32(reps=3, cifar_batch=4, geometries=("cifar",))["cifar"]
+    t = r["all_times_s"]
+    per_round = [b / a for a, b in zip(t["fp32_cl"], t["bf16_cl"])]
+    assert r["ratio"]["median"] == pytest.approx(statistics.median(per_round)) and r["ratio"]["n"] == 3
+    assert r["step_s"]["bf16_cl"]["median"] == pytest.approx(statistics.median(t["bf16_cl"]))

@@ -39,6 +39,10 @@ Keys of each section (a "<key>_spread" is {median, min, max, n} over the rounds)
                                   workers), each over train_images_per_s_on_device_batches;
                                   train_loop: `splitnet train` itself (train_loop_rate), the goal's
                                   figure: train_loop_over_on_device >= 0.8 (_spread: thirds of the run)
+  cpu_bf16                        bf16 against fp32 on this CPU (bench/cpu_bf16.py): cpu_flags (avx2,
+                                  avx512f, avx512_bf16, amx_*), and for the full network (fp32 vs bf16,
+                                  batch 8) and the CIFAR-scale one (fp32_cl vs bf16_cl, batch 128) the
+                                  step times and ratio = bf16 step / fp32 step per interleaved round
   overlap.<case>                  profiler-measured concurrency of the columns: busy_s (time any
                                   column works), both_s (time two or more do), overlap = both / busy;
                                   cases cpu_threads, cuda_streams, cuda_sequential, cuda2
@@ -69,6 +73,7 @@ import torch
 from ..model.columns import SplitAlexNet
 from ..model.placement import DeviceError
 from ..model.precision import PRECISIONS, precision
+from .cpu_bf16 import bf16_vs_fp32
 from .data import data_path, input_path
 from .dist import distributed_vs_single
 from .model import column_overlap, compare
@@ -168,6 +173,12 @@ def _print(res: dict) -> None:
     for name, o in res.get("overlap", {}).items():
         print(f"\n[overlap {name}] {o['strategy']}: the columns ({o['kind']}) are busy together "
               f"{100 * o['overlap']:.0f}% of the time any is busy ({o['both_s']:.3f} of {o['busy_s']:.3f} s)")
+    b = res.get("cpu_bf16")
+    if b:
+        print(f"\n[cpu bf16] flags {' '.join(b['cpu_flags']) or 'none found'}: a bf16 training step takes "
+              + "; ".join(f"{_range_x(b[g]['ratio'])} of fp32's ({g}, batch {b[g]['batch']})" for g in ("imagenet", "cifar")
+                          if g in b)
+              + " (below 1: bf16 pays on this CPU)")
     d = res.get("cuda_input")
     if d:
         print(f"\n[input path, {d['device']}, {d['precision']}, {d['workers']} workers] training from the uint8 cache: "
@@ -189,6 +200,10 @@ def _print(res: dict) -> None:
         rng = f"[{_interval(g['ci95'])}]" if g.get("ci95") else (_interval(g["spread"]) if g["spread"] else "")
         verdict = g["verdict"].upper() if g["met"] is False else g["verdict"]
         print(f"  {g['goal']:<58}{g['target']:>9}  {v:>12} {rng:>14}  {verdict}")
+
+
+def _range_x(spread: dict) -> str:
+    return f"{spread['median']:.2f}x ({spread['min']:.2f}..{spread['max']:.2f})"
 
 
 def _interval(ci) -> str:
@@ -278,6 +293,7 @@ def run(placements=None, layout="paper", batch=128, reps=3, data: bool = True, p
             raise DeviceError(f"placement {place!r} asked for, but only {ngpu} CUDA device(s) are present")
         if place == "cpu":
             res["cpu"] = compare(layout, "cpu", batch, reps, compile_backend=compile_backend)
+            res["cpu_bf16"] = bf16_vs_fp32(min(8, batch), reps, cifar_batch=batch)
         elif place == "cuda":
             for mode in precisions or DEFAULT_PRECISIONS:
                 res["cuda" if mode == "fp32" else f"cuda_{mode}"] = compare(layout, "cuda:0", batch, reps, mode=mode,
