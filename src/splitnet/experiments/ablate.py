@@ -13,13 +13,15 @@ after each experiment; finished experiments are kept, so an interrupted run resu
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tomllib
 from pathlib import Path
 
-from ..config import ConfigError, to_dict
+from ..config import ConfigError, set_item, to_dict
 from ..data import resolve_data
+from ..formatting import pct
 from ..train.config import apply_sets, load_config
 from ..train.loop import check_same_experiment
 from ..train.rundir import read_metrics, run_done
@@ -89,7 +91,7 @@ def load_experiment(name: str, data=None, sets=(), suite: str = "ablations") -> 
         if table in base or table in exp:
             merged[table] = {**base.get(table, {}), **exp.get(table, {})}
     merged["name"] = name
-    extra = list(sets) + ([f'data.root="{Path(data).resolve()}"'] if data else [])
+    extra = list(sets) + ([set_item("data.root", Path(data).resolve())] if data else [])
     return load_config(None, extra, base=merged), meta
 
 
@@ -185,10 +187,7 @@ _DATA_LINE = {
 }
 
 
-def _pct(v, spread=None) -> str:
-    if v is None:
-        return "-"
-    return f"{100 * v:.1f}" + (f" +/- {100 * spread:.1f}" if spread else "")
+_pct = functools.partial(pct, unit="")  # the table's cells: the column heads say "%"
 
 
 def _delta(r: dict, base: dict | None) -> str:

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from ..config import set_item
 from ..data import resolve_data
+from ..formatting import pct
 from ..model.placement import describe
 from ..train import checkpoint as ckpt
 from ..train.config import load_config
@@ -51,7 +53,7 @@ def reproduce(out, data=None, config=None, sets=(), seeds: int = 1) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = Path(config) if config else experiment_file("paper.toml" if data else "reproduce.toml")
-    sets = list(sets) + ([f'data.root="{Path(data).resolve()}"'] if data else [])
+    sets = list(sets) + ([set_item("data.root", Path(data).resolve())] if data else [])
     t0 = time.time()
     runs = []
     for seed in range(seeds):
@@ -104,12 +106,8 @@ def _best_line(run: Path, final: dict | None) -> str:
     ck = ckpt.load(best)
     b = ck["state"]["best"]
     return (f"{head} The best validation evaluation during training (`best.pt`, after epoch {b['epoch']}, "
-            f"step {b['step']}) had a centre top-1 error of {_pct(b['val_top1_err'])}; the final weights have "
-            f"{_pct(final['top1_err'])}.")
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+            f"step {b['step']}) had a centre top-1 error of {pct(b['val_top1_err'])}; the final weights have "
+            f"{pct(final['top1_err'])}.")
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,7 @@ def _report(f: ReportFacts) -> str:
         "![Figure 4](figures/figure4_predictions_neighbours.png)",
         "",
         f"Of the query images' 6 nearest training images by fc7 distance, "
-        f"{_pct(f.fig4['neighbours_same_class'])} share the query's class "
+        f"{pct(f.fig4['neighbours_same_class'])} share the query's class "
         f"(searched {f.fig4['searched_train_images']} training images).",
         "",
         "## Training curves",
@@ -180,8 +178,8 @@ def _what_ran(f: ReportFacts) -> list:
         "## What ran",
         "",
         f"- **Data:** {f.data_desc}: {info.get('train_images')} training and {info.get('val_images')} "
-        f"validation images in {len(f.classes)} classes (chance: top-1 error {_pct(chance1)}, top-5 "
-        f"{_pct(chance5)}).",
+        f"validation images in {len(f.classes)} classes (chance: top-1 error {pct(chance1)}, top-5 "
+        f"{pct(chance5)}).",
         f"- **Network:** layout `{model.layout.name}` ({model.layout.params():,} parameters), "
         f"{cfg.model.input_mode} input, LRN {'on' if cfg.model.lrn else 'off'} ({cfg.model.lrn_convention} "
         f"convention, k={cfg.model.lrn_k}), dropout {cfg.model.dropout} ({cfg.model.dropout_mode}), init "
@@ -233,7 +231,7 @@ def _results(f: ReportFacts) -> list:
     ev = [m for m in f.metrics if m.get("kind") == "eval"]
     if ev:
         lines += ["", "Validation error (centre patch) after each evaluated epoch: "
-                  + ", ".join(f"epoch {m['epoch']}: {_pct(m['val_top1_err'])}" for m in ev) + "."]
+                  + ", ".join(f"epoch {m['epoch']}: {pct(m['val_top1_err'])}" for m in ev) + "."]
     return lines + ["", _best_line(f.runs[0], by.get((one, 1)))]
 
 
