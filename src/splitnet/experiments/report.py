@@ -32,7 +32,7 @@ log = logging.getLogger("splitnet")
 
 EXPERIMENTS = experiments_dir()  # $SPLITNET_EXPERIMENTS, the checkout, or the installed copy (locate.py)
 
-# The paper's numbers (paper-spec §5). Top-1 / top-5 error in %.
+# The paper's numbers (§6: Tables 1 and 2, and the centre-patch footnote). Top-1 / top-5 error in %.
 PAPER = [
     ("ILSVRC-2010 test, one centre patch (footnote)", "centre", 39.0, 18.3),
     ("ILSVRC-2010 test, 10 patches (Table 1)", "ten", 37.5, 17.0),
