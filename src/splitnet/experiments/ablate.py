@@ -1,7 +1,7 @@
 """`splitnet ablate` / `make ablations`: the layer-split and component ablations, one results table.
 
 Each experiment is a small TOML file in experiments/ablations/ (its header: question, the paper's
-answer, command, time), applied on top of a base schedule: experiments/ablations/_base.toml on the
+answer, command; the time, the same for each, is in _base.toml), applied on top of a base schedule: experiments/ablations/_base.toml on the
 built-in data, experiments/paper.toml with --data (the full schedule on real data). Top-level keys
 `group`, `paper_delta_top1`, `paper_delta_top5` describe the experiment and are not config fields.
 
