@@ -2,8 +2,8 @@
 
 Much of the suite waits on subprocesses (torchrun ranks, `splitnet` commands, killed and resumed
 runs), each of which spends seconds importing torch, so one pytest process keeps a 2-core machine
-about 1.3 cores busy. Two at once: 350 s by the clock against 430 s for one (the 2-core box,
-2026-11-29: 5.8 against 7.2 minutes).
+about 1.3 cores busy. Two at once took 350 s by the clock against 430 s for one on a 2-core box
+(docs/results.md).
 
 Files are dealt longest first, each to the shard with the least work so far, by SECONDS below (about
 what each file's tests took in one pytest process on that box, from --durations; a file not listed

@@ -6,7 +6,6 @@ import math
 import platform
 import resource
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -92,7 +91,7 @@ def tiny(tmp_path_factory):
 def test_step_time_column_times_the_runs_own_step(monkeypatch):
     """The step-time column times what training runs: the whole PaperSGD step, in the experiment's
     precision and memory format (channels_last for the CIFAR suite), interleaved with `paper`."""
-    import splitnet.experiments.ablate as ab
+    import splitnet.experiments.step_time as ab
     from splitnet.train.optim import PaperSGD
     seen = []
     step = ab.train_step
@@ -132,7 +131,7 @@ def test_runner_fills_every_column_and_resumes(cache32, tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("retrained a finished experiment")
-    monkeypatch.setattr("splitnet.experiments.ablate.train_or_resume", boom)
+    monkeypatch.setattr("splitnet.experiments.run_pool.train_or_resume", boom)
     run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets, **kw)
     assert (tmp_path / "runs" / "paper-seed0" / "checkpoint.pt").stat().st_mtime == mtime
     # An experiment edited since its runs were trained: refused before any training, naming run and key.
@@ -141,7 +140,7 @@ def test_runner_fills_every_column_and_resumes(cache32, tmp_path, monkeypatch):
     # Done is what the run directories say: a deleted run is trained again although its row is kept.
     shutil.rmtree(tmp_path / "runs" / "no-lrn-seed0")
     trained = []
-    monkeypatch.setattr("splitnet.experiments.ablate.train_or_resume",
+    monkeypatch.setattr("splitnet.experiments.run_pool.train_or_resume",
                         lambda cfg, run: trained.append(Path(run).name) or train_or_resume(cfg, run))
     run_ablations(tmp_path, ["paper", "no-lrn"], sets=sets, **kw)
     assert trained == ["no-lrn-seed0"] and (tmp_path / "runs" / "no-lrn-seed0" / "checkpoint.pt").exists()
@@ -190,7 +189,7 @@ def test_parallel_runner_queues_nothing_ahead_so_ctrl_c_starts_no_more_runs(monk
     back (Ctrl-C reached it), no queued run starts afterwards."""
     from concurrent.futures import Future
 
-    from splitnet.experiments import ablate
+    from splitnet.experiments import run_pool
     submitted = []
 
     class FakePool:
@@ -210,12 +209,12 @@ def test_parallel_runner_queues_nothing_ahead_so_ctrl_c_starts_no_more_runs(monk
             f = Future()
             f.set_result("interrupted" if len(submitted) == 2 else "finished")
             return f
-    monkeypatch.setattr(ablate, "ProcessPoolExecutor", FakePool)
-    cfg = ablate.load_config(None, ["max_steps=1"])
+    monkeypatch.setattr(run_pool, "ProcessPoolExecutor", FakePool)
+    cfg = run_pool.load_config(None, ["max_steps=1"])
     tasks = [(f"e{i}", cfg, f"run{i}") for i in range(5)]
     finished = []
     with pytest.raises(KeyboardInterrupt):
-        ablate._train_all(tasks, 2, finished.append)
+        run_pool.train_all(tasks, 2, finished.append)
     assert submitted[:2] == ["run0", "run1"] and len(submitted) <= 3 and "run4" not in submitted
 
 
@@ -247,30 +246,37 @@ def test_grid_workers_reuse_freed_memory_as_splitnet_train_does(monkeypatch):
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.is_file() and "[always]" in thp.read_text():
         pytest.skip("transparent huge pages always on: fresh blocks fault a few 2 MB pages, not one per 4 KB")
-    from splitnet.experiments import ablate
-    with ablate._worker_pool(1) as pool:
+    from splitnet.experiments import run_pool
+    with run_pool.worker_pool(1) as pool:
         kept = pool.submit(_page_faults_of_steps).result()
     monkeypatch.setenv("SPLITNET_MALLOC", "default")
-    with ablate._worker_pool(1) as pool:
+    with run_pool.worker_pool(1) as pool:
         default = pool.submit(_page_faults_of_steps).result()
     step_pages = STEP_BLOCKS * (BLOCK_MB << 20) // resource.getpagesize()
     assert kept < 3 * step_pages and default > (STEPS - 1) * step_pages, (kept, default, step_pages)
 
 
+PAUSE_S = 3600.0
+
+
 def test_a_runs_time_in_the_table_leaves_out_the_pause_before_its_resume(cache32, tmp_path):
     """train_minutes and train_images_per_s come from the checkpoint's elapsed_s: a run interrupted and
     resumed later is not charged for the wait (the CIFAR grid's resumed four-columns showed 47 minutes)."""
-    from splitnet.experiments.ablate import _working_seconds
+    from splitnet.experiments.ablation_rows import working_seconds
     from splitnet.train import checkpoint as ckpt
     from splitnet.train.loop import train
     from splitnet.train.rundir import read_metrics
     sets = ["batch_size=8", "max_steps=2", "data.workers=0", "eval_batch_size=20", "log_every=1"]
     run = tmp_path / "run"
     train(load_experiment("paper", str(cache32), sets, "cifar")[0], run, progress=False)
-    time.sleep(5)  # the pause; a segment's own overheads (start, evaluation, saves) stay well under half of it
+    # The pause: the first segment's records stamped an hour earlier, as if it had run an hour before
+    # the resume (no wall-clock wait, and no margin that a busy machine could eat).
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({**m, "time": m["time"] - PAUSE_S} if "time" in m else m) + "\n"
+                               for m in read_metrics(run)))
     train(out=run, resume=True, sets=["max_steps=4"], progress=False)
     stamps = [m["time"] for m in read_metrics(run) if m["kind"] == "train"]
     ck = ckpt.load(run / "checkpoint.pt")
-    seconds = _working_seconds(ck, read_metrics(run))
+    seconds = working_seconds(ck, read_metrics(run))
     assert len(stamps) == 4 and seconds == ck["state"]["elapsed_s"]
-    assert 0 < seconds < stamps[-1] - stamps[0] - 2.5, (seconds, stamps)
+    assert stamps[-1] - stamps[0] > PAUSE_S and 0 < seconds < stamps[-1] - stamps[0] - PAUSE_S / 2, (seconds, stamps)

@@ -134,18 +134,18 @@ def test_cifar_suite_runner_two_jobs(tiny32, tmp_path):
 
 
 def test_a_runs_final_evaluation_is_kept_until_its_checkpoint_changes(tiny32, tmp_path, monkeypatch):
-    from splitnet.experiments import ablate
+    from splitnet.experiments import run_pool
     run = tmp_path / "run"
     sets = ["batch_size=8", "max_steps=1", "data.workers=0", "eval_batch_size=20"]
     train(load_experiment("paper", str(tiny32), sets, "cifar")[0], run)
-    first = ablate._final_eval(run, 20)
+    first = run_pool.final_eval(run, 20)
     assert set(first) == {1, 10} and (run / "final_eval.json").is_file()
     calls = []
-    real = ablate.evaluate_checkpoints
-    monkeypatch.setattr(ablate, "evaluate_checkpoints", lambda *a, **k: calls.append(a) or real(*a, **k))
-    assert ablate._final_eval(run, 20) == first and not calls  # kept: the same checkpoint
+    real = run_pool.evaluate_checkpoints
+    monkeypatch.setattr(run_pool, "evaluate_checkpoints", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert run_pool.final_eval(run, 20) == first and not calls  # kept: the same checkpoint
     train(out=run, resume=True, sets=["max_steps=2"])  # trains on: a new checkpoint.pt
-    again = ablate._final_eval(run, 20)
+    again = run_pool.final_eval(run, 20)
     assert len(calls) == 1 and again[10]["top1_err"] == real([run], ten=True, batch_size=20)[1]["top1_err"]
 
 

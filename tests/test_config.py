@@ -42,3 +42,24 @@ def test_bad_precision_names_it():
     assert TrainConfig().precision == "fp32"  # the paper's arithmetic unless asked
     with pytest.raises(ConfigError, match="precision: 'fp8' is not one of fp32, fp32_cl, tf32, bf16, bf16_cl, fp16, fp16_cl"):
         load_config(None, ['precision="fp8"'])
+
+
+def test_set_item_reads_back_any_path_as_itself(tmp_path):
+    """The one helper that writes a string for --set (reproduce, ablate, bench): a Windows path's
+    backslashes, a quote, a tab or a DEL in a folder name come back unchanged, not as TOML escapes or
+    as the quoted text itself."""
+    from pathlib import Path
+
+    from splitnet.config import set_item
+    from splitnet.train.config import load_config
+    for name in ("plain", r"C:\data\new", 'say "cheese"', "tab\tand\x7fdel", "café 漢字"):
+        item = set_item("data.root", tmp_path / name)
+        assert item.startswith('data.root="')
+        assert Path(load_config(None, [item]).data.root).resolve() == (tmp_path / name).resolve(), item
+    assert set_item("data.root", "/a/b") == 'data.root="/a/b"'  # an ordinary path as it was written by hand
+
+
+def test_pct_is_the_reports_one_rule():
+    from splitnet.formatting import pct
+    assert (pct(0.3125), pct(None), pct(0.3125, 0.0051, unit=""), pct(0.3, 0.0, unit="")) == \
+        ("31.2%", "-", "31.2 +/- 0.5", "30.0")

@@ -1,4 +1,4 @@
-"""The package's import graph has no cycles: modules import downwards only (docs/design.md).
+"""The package's import graph has no cycles: modules import downwards only.
 
 Read from the source with `ast` (nothing is imported), every `import` / `from ... import` counted,
 those inside functions included: a function-level import that closes a cycle is still a cycle, only

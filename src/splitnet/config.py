@@ -104,4 +104,19 @@ def to_dict(cfg) -> dict:
     return out
 
 
-__all__ = ["ConfigError", "from_dict", "replace", "to_dict"]
+def set_item(key: str, value) -> str:
+    """The --set item (load_config's `sets`) that gives `key` the string or path `value`, written as a
+    TOML basic string: a backslash, a quote or a control character in a path reads back as itself."""
+    return f'{key}="{"".join(_escaped(c) for c in str(value))}"'
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _escaped(c: str) -> str:
+    if c in _ESCAPES:
+        return _ESCAPES[c]
+    return f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c
+
+
+__all__ = ["ConfigError", "from_dict", "replace", "set_item", "to_dict"]

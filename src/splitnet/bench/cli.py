@@ -70,6 +70,7 @@ from pathlib import Path
 
 import torch
 
+from ..formatting import pct
 from ..model.columns import SplitAlexNet
 from ..model.placement import DeviceError
 from ..model.precision import PRECISIONS, precision
@@ -238,15 +239,11 @@ def _print_section(place: str, r: dict) -> None:
           f"gradients, none for the image; layout {r['layout']})")
     print(f"  utilisation of the measured {r['peak_flops_measured_dtype']} matmul peak "
           f"({r['peak_flops_measured'] / 1e9:,.1f} GFLOP/s, sampled between the steps): "
-          f"{_pct(r['train_util_of_measured'])} (rounds {_range(r['train_util_of_measured_spread'], '.1f', 100)}%)")
+          f"{pct(r['train_util_of_measured'])} (rounds {_range(r['train_util_of_measured_spread'], '.1f', 100)}%)")
     nominal = r["peak_flops_nominal"]
     print(f"  utilisation of the nominal peak ({'-' if nominal is None else f'{nominal / 1e9:,.1f}'} GFLOP/s: "
-          f"{r['peak_flops_nominal_basis']}): {_pct(r['train_util_of_nominal'])}"
+          f"{r['peak_flops_nominal_basis']}): {pct(r['train_util_of_nominal'])}"
           + (f" (rounds {_range(r['train_util_of_nominal_spread'], '.1f', 100)}%)" if nominal else ""))
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _print_data(res: dict) -> None:

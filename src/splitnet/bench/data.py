@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import set_item
 from ..data import DataConfig, DeviceBatches, PackedDataset, make_loader, make_synthetic, prepare
 from ..model.columns import SplitAlexNet
 from ..model.layout import get_geometry
@@ -162,9 +163,9 @@ def train_loop_rate(cache, devices, batch: int, mode: str, workers: int, geometr
     if steps < skip + 2:
         raise ValueError(f"train_loop_rate: {steps} steps of {batch} in {cache}; need {skip + 2}")
     geo = get_geometry(geometry)
-    sets = [f'data.root="{cache}"', f"batch_size={batch}", f"max_steps={steps}", "eval_at_stop=false",
-            f'precision="{mode}"', f"devices={json.dumps([str(d) for d in devices])}", f"data.workers={workers}",
-            f'model.geometry="{geometry}"', f"data.image_size={geo.image_size}", f"data.crop_size={geo.crop}"]
+    sets = [set_item("data.root", cache), f"batch_size={batch}", f"max_steps={steps}", "eval_at_stop=false",
+            set_item("precision", mode), f"devices={json.dumps([str(d) for d in devices])}", f"data.workers={workers}",
+            set_item("model.geometry", geometry), f"data.image_size={geo.image_size}", f"data.crop_size={geo.crop}"]
     with tempfile.TemporaryDirectory(prefix="splitnet-bench-") as tmp:
         train(load_config(None, sets), Path(tmp) / "run", progress=False)
         recs = [r for r in read_metrics(Path(tmp) / "run") if r["kind"] == "train"][skip:]

@@ -145,22 +145,8 @@ def main(argv=None) -> int:
     offset, rows = rt.share(args.batch)
     x = (torch.randn(rows, 3, model.input_side, model.input_side) * 60).to(model.devices[model.local[0]])
     y = torch.randint(0, 1000, (rows,)).to(model.devices[model.layout.head])
-    sync = sorted(set(model.devices), key=str)
     reducers = _reducers(rt, model)  # {"overlap": ..., "flat": ...} with replicas, else {"none": None}
-    times = {name: [] for name in reducers}
-    sent = None
-    for step in range(args.steps * len(reducers) + 1):
-        name = list(reducers)[step % len(reducers)]  # interleaved: overlap, flat, overlap, ...
-        _use(rt, reducers, name)
-        if step == 1:
-            layer_times.clear()
-        D.traffic.clear()
-        t = timed(lambda: train_step(model, opt, x, y, step=step, rt=rt, full_batch=args.batch, offset=offset),
-                  sync)
-        if step:
-            times[name].append(t)
-        if step and name != "flat" and sent is None:
-            sent = dict(D.traffic)
+    times, sent = _time_steps(model, opt, (x, y), rt, reducers, args, offset, layer_times)
     first = list(reducers)[0]
     step_s = statistics.median(times[first])
     res = {"world": world, "batch": args.batch, "steps": args.steps, "step_s": step_s,
@@ -170,20 +156,51 @@ def main(argv=None) -> int:
         res["exchange_s_per_step"] = {k: v / n for k, v in layer_times.items()}
         res["exchange_share"] = {k: v / n / step_s for k, v in layer_times.items()}
     if "flat" in times:
-        pairs = [o / f for o, f in zip(times["overlap"], times["flat"])]
-        res["reduce"] = {"flat_step_s": statistics.median(times["flat"]), "overlap_step_s": step_s,
-                         "ratio_overlap_over_flat": spread(pairs), "pairs": pairs,
-                         "overlap_faster_pairs": sum(r < 1 for r in pairs), "buckets": len(reducers["overlap"].buckets)}
+        res["reduce"] = _reduce_pairs(times, step_s, reducers)
     if mesh is not None:
-        mine = {"rank": mesh.rank, "column": mesh.column, "replica": mesh.replica, "sent": sent,
-                "expected": D.expected_traffic(model.layout, mesh.replicas, mesh.column, rows)}
-        got = [None] * mesh.world
-        dist.all_gather_object(got, mine)
-        res["sent"] = got
+        res["sent"] = _gather_sent(mesh, sent, model, rows)
     if mesh is None or mesh.rank == 0:
         Path(args.out).write_text(json.dumps(res, indent=2))
     rt.close()
     return 0
+
+
+def _time_steps(model, opt, xy, rt, reducers: dict, args, offset: int, layer_times: dict) -> tuple:
+    """({reducer: [step seconds]}, bytes sent in the first timed non-flat step): args.steps steps per
+    reducer after one warm-up, interleaved; layer_times restarts after the warm-up."""
+    sync = sorted(set(model.devices), key=str)
+    times = {name: [] for name in reducers}
+    sent = None
+    for step in range(args.steps * len(reducers) + 1):
+        name = list(reducers)[step % len(reducers)]  # interleaved: overlap, flat, overlap, ...
+        _use(rt, reducers, name)
+        if step == 1:
+            layer_times.clear()
+        D.traffic.clear()
+        t = timed(lambda: train_step(model, opt, *xy, step=step, rt=rt, full_batch=args.batch, offset=offset),
+                  sync)
+        if step:
+            times[name].append(t)
+        if step and name != "flat" and sent is None:
+            sent = dict(D.traffic)
+    return times, sent
+
+
+def _reduce_pairs(times: dict, step_s: float, reducers: dict) -> dict:
+    """Overlapped against flat gradient reduction, pair by interleaved pair."""
+    pairs = [o / f for o, f in zip(times["overlap"], times["flat"])]
+    return {"flat_step_s": statistics.median(times["flat"]), "overlap_step_s": step_s,
+            "ratio_overlap_over_flat": spread(pairs), "pairs": pairs,
+            "overlap_faster_pairs": sum(r < 1 for r in pairs), "buckets": len(reducers["overlap"].buckets)}
+
+
+def _gather_sent(mesh, sent, model, rows: int) -> list:
+    """Every rank's bytes sent in a step beside the layout's count (an all_gather: every rank calls it)."""
+    mine = {"rank": mesh.rank, "column": mesh.column, "replica": mesh.replica, "sent": sent,
+            "expected": D.expected_traffic(model.layout, mesh.replicas, mesh.column, rows)}
+    got = [None] * mesh.world
+    dist.all_gather_object(got, mine)
+    return got
 
 
 def _reducers(rt, model) -> dict:

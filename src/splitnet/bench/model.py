@@ -80,7 +80,29 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
     strategies = strategies or strategies_for(devices)
     nets = _nets(layout, devices, base, num_classes, strategies, compile_backend, geometry)
     first = nets[f"split_{strategies[0]}"]
-    fmt = memory_format(mode)
+    xs = _inputs(nets, batch, num_classes, first, memory_format(mode), devices, base)
+    default = training_strategy(first, batch, mode)  # after the memory format, as training calibrates
+    split = f"split_{default}" if default in strategies else f"split_{strategies[0]}"
+    peak = MatmulPeak(devices, autocast_dtype(mode) or torch.float32)
+    dev_type = devices[0].type
+    times = _time_rounds(nets, xs, sorted(set(devices) | {base}, key=str), peak, reps, mode, dev_type)
+    res = {"device": ", ".join(str(d) for d in devices), "grouped_device": str(base), "layout": layout,
+           "geometry": geometry,
+           "batch": batch, "reps": reps, "precision": mode,
+           "default_strategy": split[len("split_"):], "strategies": strategies}
+    res.update(_step_figures(times, split, batch))
+    res["best_strategy"] = min(strategies, key=lambda st: res[f"train_step_s_split_{st}"])
+    res.update(_utilisation(first.layout.train_flops_per_image(), times[f"train_{split}"], batch, peak,
+                            nominal_peak(devices, mode), mode, dev_type))
+    if compile_backend:
+        res["compile_backend"] = compile_backend
+    res["all_times_s"] = times
+    return res
+
+
+def _inputs(nets: dict, batch: int, num_classes: int, first, fmt, devices, base) -> dict:
+    """{name: (x, y)}: one random batch on each net's devices (the grouped ones' on `base`), in the
+    memory format `fmt`, which each net is also put in."""
     x = torch.randn(batch, 3, first.input_side, first.input_side) * 60
     y = torch.randint(0, num_classes, (batch,))
     xs = {}
@@ -89,13 +111,14 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
         on_base = name.startswith("grouped")
         xs[name] = (x.to(base if on_base else devices[0]).contiguous(memory_format=fmt),
                     y.to(base if on_base else devices[first.layout.head]))
-    default = training_strategy(first, batch, mode)  # after the memory format, as training calibrates
-    split = f"split_{default}" if default in strategies else f"split_{strategies[0]}"
+    return xs
+
+
+def _time_rounds(nets: dict, xs: dict, sync, peak: MatmulPeak, reps: int, mode: str, dev_type: str) -> dict:
+    """{"train_<net>": [s, ...], "infer_<net>": [s, ...]}: after a warm-up, `reps` rounds of a matmul
+    sample and a training step, net after net; then a warm-up and `reps` rounds of inference."""
     opts = {k: paper_optimizer(n) for k, n in nets.items()}
-    sync = sorted(set(devices) | {base}, key=str)
-    peak = MatmulPeak(devices, autocast_dtype(mode) or torch.float32)
     times = {f"{m}_{k}": [] for m in ("train", "infer") for k in nets}
-    dev_type = devices[0].type
     with tf32(mode):
         for name, net in nets.items():  # warm-up: allocator, oneDNN/cuDNN algorithm choice
             net.train()
@@ -114,18 +137,7 @@ def compare(layout: str = "paper", device="cpu", batch: int = 128, reps: int = 3
             for _ in range(reps):
                 for name, net in nets.items():
                     times[f"infer_{name}"].append(timed(lambda: net(xs[name][0]), sync))
-    res = {"device": ", ".join(str(d) for d in devices), "grouped_device": str(base), "layout": layout,
-           "geometry": geometry,
-           "batch": batch, "reps": reps, "precision": mode,
-           "default_strategy": split[len("split_"):], "strategies": strategies}
-    res.update(_step_figures(times, split, batch))
-    res["best_strategy"] = min(strategies, key=lambda st: res[f"train_step_s_split_{st}"])
-    res.update(_utilisation(first.layout.train_flops_per_image(), times[f"train_{split}"], batch, peak,
-                            nominal_peak(devices, mode), mode, dev_type))
-    if compile_backend:
-        res["compile_backend"] = compile_backend
-    res["all_times_s"] = times
-    return res
+    return times
 
 
 def _paired(num: list, den: list) -> dict:

@@ -14,7 +14,7 @@ with Pillow and cfg.resample, and says so in the report. A test_batch missing fr
 error, not a train-only cache: the official archive always has it, so its absence means a damaged copy.
 
 Pickle runs code named by the file, so the members are unpickled with an Unpickler that resolves
-only the few globals a numpy array needs (find_class below) and refuses every other one, naming it
+only the few globals a numpy array needs (safe_pickle.py) and refuses every other one, naming it
 and the member, before anything is called. Members are read from the tar in archive order, never
 extracted to disk, and the whole archive is checked (gzip CRC, length) before the cache is touched:
 a bad archive leaves the output folder as it was.
@@ -22,10 +22,8 @@ a bad archive leaves the output folder as it was.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import pickle
 import posixpath
 import tarfile
 import zlib
@@ -39,12 +37,8 @@ from . import stats as S
 from .config import DataConfig, DataError
 from .decode import RESAMPLE
 from .progress import Progress
+from .safe_pickle import unpickle
 from .shards import assemble, shard_settings, shard_size_for
-
-try:  # numpy >= 2 (the old name still loads, through a deprecation shim)
-    from numpy._core.multiarray import _reconstruct
-except ImportError:  # numpy 1.x
-    from numpy.core.multiarray import _reconstruct
 
 log = logging.getLogger(__name__)
 
@@ -58,52 +52,6 @@ PIXELS = 3 * NATIVE_SIZE * NATIVE_SIZE  # one row of b"data": R plane, G plane, 
 CIFAR100_MEMBERS = {"meta", "train", "test"}  # cifar-100-python/: a different layout, not read here
 # An official batch is about 31 MB; a member far larger is not one, and is not read into memory.
 MAX_MEMBER_BYTES = 1 << 30
-
-
-# ---- restricted unpickling ---------------------------------------------------------------------------
-class _Refused(Exception):
-    """Raised inside the unpickler; turned into a DataError naming the member."""
-
-
-def _latin1_encode(text, encoding="utf-8"):
-    """codecs.encode as a Python 3 pickler of bytes (protocol < 3) calls it: `encode(str, "latin1")`.
-    Python 2 pickles never use it; any other codec is refused (codecs can do more than re-encode)."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise _Refused(f"_codecs.encode with encoding {encoding!r}")
-    return text.encode("latin1")
-
-
-# (module, name) as written in the pickle -> the object it may stand for. A Python 2 pickle of a numpy
-# array names numpy.core.multiarray._reconstruct, numpy.ndarray and numpy.dtype (nothing else); numpy 2
-# writes numpy._core.multiarray; a Python 3 pickler writes bytes at protocol 2 via _codecs.encode.
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _latin1_encode,
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """pickle.Unpickler that resolves only _ALLOWED; keys and strings of Python 2 come back as bytes."""
-
-    def find_class(self, module, name):
-        obj = _ALLOWED.get((module, name))
-        if obj is None:
-            raise _Refused(f"the global {module}.{name}")
-        return obj
-
-
-def unpickle(data: bytes, where: str):
-    """The object pickled in `data` (a member's bytes; `where` names it in errors), numpy arrays only."""
-    try:
-        return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except _Refused as e:
-        raise DataError(f"{where}: refused to unpickle {e} (only numpy arrays, lists, numbers and strings "
-                        f"are allowed; this is not a CIFAR-10 batch, and may be malicious)") from None
-    except Exception as e:  # corrupt pickle data can raise almost any error type
-        raise DataError(f"{where}: not a readable pickle ({type(e).__name__}: {e})") from None
 
 
 # ---- reading the archive ----------------------------------------------------------------------------

@@ -92,34 +92,7 @@ def load_image(path, size: int = 256, resample: str = "lanczos", max_pixels: int
         warnings.simplefilter("always")
         try:
             with open(path, "rb") as f:
-                if f.seek(0, 2) == 0:
-                    raise BadImage("empty file (0 bytes)")
-                f.seek(0)
-                # Our own check below, from the header, replaces Pillow's (which would warn at 1x and
-                # raise only at 2x its global limit): one threshold, applied the same in every process.
-                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-                try:
-                    img = Image.open(f)
-                except UnidentifiedImageError:
-                    raise BadImage("not an image file Pillow can read (unknown format)") from None
-                finally:
-                    Image.MAX_IMAGE_PIXELS = saved
-                w, h = img.size
-                if max_pixels and w * h > max_pixels:
-                    raise BadImage(f"too large: {w}x{h} = {w * h:,} pixels > max_image_pixels {max_pixels:,} "
-                                   f"(decompression-bomb guard)")
-                if w < 1 or h < 1:
-                    raise BadImage(f"empty image ({w}x{h})")
-                suffix = os.path.splitext(str(path))[1]
-                expected = _EXT_FORMATS.get(suffix.lower())
-                if expected and img.format and img.format != expected:
-                    notes.append(f"{img.format} data in a file named {suffix}")
-                tw, th = target_size(w, h, size, resize)
-                if img.format == "JPEG":
-                    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, keeping >= 2x the target size.
-                    img.draft(img.mode, (2 * tw, 2 * th))
-                img.load()
-                img = _to_rgb(img, notes)
+                img, (w, h), (tw, th) = _decode(f, path, size, max_pixels, resize, notes)
         except BadImage:
             raise
         except Image.DecompressionBombError as e:
@@ -142,3 +115,36 @@ def load_image(path, size: int = 256, resample: str = "lanczos", max_pixels: int
     img = img.crop((left, top, left + size, top + size))
     arr = np.asarray(img, dtype=np.uint8)  # [H, W, 3]
     return np.ascontiguousarray(arr.transpose(2, 0, 1)), notes
+
+
+def _decode(f, path, size: int, max_pixels: int, resize: str, notes: list) -> tuple:
+    """(RGB image decoded from the open file f, its (w, h), the (W, H) to resize to); raises BadImage
+    for what the header already tells (empty, too large, no pixels), Pillow's errors otherwise."""
+    if f.seek(0, 2) == 0:
+        raise BadImage("empty file (0 bytes)")
+    f.seek(0)
+    # Our own check below, from the header, replaces Pillow's (which would warn at 1x and
+    # raise only at 2x its global limit): one threshold, applied the same in every process.
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        img = Image.open(f)
+    except UnidentifiedImageError:
+        raise BadImage("not an image file Pillow can read (unknown format)") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    w, h = img.size
+    if max_pixels and w * h > max_pixels:
+        raise BadImage(f"too large: {w}x{h} = {w * h:,} pixels > max_image_pixels {max_pixels:,} "
+                       f"(decompression-bomb guard)")
+    if w < 1 or h < 1:
+        raise BadImage(f"empty image ({w}x{h})")
+    suffix = os.path.splitext(str(path))[1]
+    expected = _EXT_FORMATS.get(suffix.lower())
+    if expected and img.format and img.format != expected:
+        notes.append(f"{img.format} data in a file named {suffix}")
+    tw, th = target_size(w, h, size, resize)
+    if img.format == "JPEG":
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, keeping >= 2x the target size.
+        img.draft(img.mode, (2 * tw, 2 * th))
+    img.load()
+    return _to_rgb(img, notes), (w, h), (tw, th)

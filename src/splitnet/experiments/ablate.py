@@ -1,7 +1,7 @@
 """`splitnet ablate` / `make ablations`: the layer-split and component ablations, one results table.
 
 Each experiment is a small TOML file in experiments/ablations/ (its header: question, the paper's
-answer, command, time), applied on top of a base schedule: experiments/ablations/_base.toml on the
+answer, command; the time, the same for each, is in _base.toml), applied on top of a base schedule: experiments/ablations/_base.toml on the
 built-in data, experiments/paper.toml with --data (the full schedule on real data). Top-level keys
 `group`, `paper_delta_top1`, `paper_delta_top5` describe the experiment and are not config fields.
 
@@ -13,32 +13,22 @@ after each experiment; finished experiments are kept, so an interrupted run resu
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
-import multiprocessing
-import os
-import signal
-import statistics
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
-import torch
-
-from ..config import ConfigError, replace, to_dict
+from ..config import ConfigError, set_item, to_dict
 from ..data import resolve_data
-from ..bench.timing import paper_optimizer, timed, train_step
-from ..model.columns import SplitAlexNet, model_layout
-from ..model.precision import memory_format, tf32
-from ..train import checkpoint as ckpt
+from ..formatting import pct
 from ..train.config import apply_sets, load_config, read_toml
-from ..train.evaluate import evaluate_checkpoints
-from ..train.loop import check_same_experiment, train_or_resume
-from ..train.memory import keep_freed_memory
-from ..train.rundir import atomic_write_text, read_metrics, run_done
+from ..train.loop import check_same_experiment
+from ..train.rundir import read_metrics, run_done
+from .ablation_rows import mean, plots, result_row
 from .fig1 import figure1
-from .figures import colour_specificity, conv1_columns
 from .locate import experiments_dir
+from .run_pool import FINAL_EVAL, train_all  # noqa: F401 (FINAL_EVAL: importable from here, as before)
+from .step_time import step_times
 
 log = logging.getLogger("splitnet")
 
@@ -93,209 +83,8 @@ def load_experiment(name: str, data=None, sets=(), suite: str = "ablations") -> 
         if table in base or table in exp:
             merged[table] = {**base.get(table, {}), **exp.get(table, {})}
     merged["name"] = name
-    extra = list(sets) + ([f'data.root="{Path(data).resolve()}"'] if data else [])
+    extra = list(sets) + ([set_item("data.root", Path(data).resolve())] if data else [])
     return load_config(None, extra, base=merged), meta
-
-
-def _timing_model(cfg) -> tuple:
-    """The experiment's model, optimiser and a random batch, held as its training run holds them (the
-    precision's memory format), and the precision: the arguments of _step."""
-    torch.manual_seed(0)
-    m = SplitAlexNet(num_classes=10, config=cfg.model, devices=tuple(cfg.devices) or None,
-                     concurrency=cfg.concurrency).train()
-    fmt = memory_format(cfg.precision)
-    m.to(memory_format=fmt)
-    b = cfg.batch_size
-    x = (torch.randn(b, 3, m.input_side, m.input_side) * 60).to(m.devices[0]).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (b,)).to(m.devices[m.layout.head])
-    return m, paper_optimizer(m, cfg.optim), x, y, cfg.precision
-
-
-def _step(m, opt, x, y, mode: str) -> float:
-    """Seconds of one training step as `splitnet train` takes it (bench/timing.py train_step: dropout
-    streams, forward and loss under the precision, backward, the PaperSGD update)."""
-    with tf32(mode):
-        return timed(lambda: train_step(m, opt, x, y, mode=mode), sorted(set(m.devices), key=str))
-
-
-def step_times(paper_cfg, cfgs: dict, reps: int = 2) -> dict:
-    """Training step time (the whole step, in the run's precision and memory format: _step) of each
-    config's model relative to the paper's, each timed interleaved with the paper model on same-sized
-    random batches, in this process (median of `reps` after a warm-up). Two models in memory at a time."""
-    paper = _timing_model(paper_cfg)
-    _step(*paper)
-    rel = {}
-    for name, cfg in cfgs.items():
-        if name == "paper":
-            rel[name] = 1.0
-            continue
-        other = _timing_model(cfg)
-        _step(*other)
-        tp, to = [], []
-        for _ in range(reps):
-            tp.append(_step(*paper))
-            to.append(_step(*other))
-        rel[name] = statistics.median(to) / statistics.median(tp)
-        del other
-    return rel
-
-
-def _train_run(cfg_dict: dict, run: str) -> str:
-    """Train (or resume, or keep) one run to its end, then evaluate its final weights (_final_eval);
-    in a worker process under --jobs, so each run's evaluation takes its worker's core beside the
-    other runs instead of this process's threads on top of them. Returns the run's status."""
-    cfg = load_config(None, (), base=cfg_dict)
-    status = train_or_resume(cfg, run)["status"]
-    if status != "interrupted":
-        try:
-            _final_eval(Path(run), cfg.eval_batch_size)
-        except KeyboardInterrupt:  # ^C during the evaluation: the run is saved; evaluated next time
-            return "interrupted"
-    return status
-
-
-FINAL_EVAL = "final_eval.json"
-
-
-def _final_eval(run: Path, batch_size: int) -> dict:
-    """{1: centre row, 10: ten-patch row} of evaluate_checkpoints for the run's final weights, computed
-    once: kept in RUN/final_eval.json with the size and time stamp of the checkpoint.pt it evaluated,
-    and used as long as checkpoint.pt is that file (a resume that trains on writes a new one)."""
-    ck = Path(run) / "checkpoint.pt"
-    st = ck.stat()
-    key = {"checkpoint_bytes": st.st_size, "checkpoint_mtime_ns": st.st_mtime_ns}
-    path = Path(run) / FINAL_EVAL
-    kept = json.loads(path.read_text()) if path.is_file() else {}
-    rows = kept["rows"] if {k: kept.get(k) for k in key} == key else None
-    if rows is None:
-        rows = evaluate_checkpoints([run], split="val", ten=True, batch_size=batch_size)
-        atomic_write_text(path, json.dumps({**key, "rows": rows}, indent=2))
-    return {r["patches"]: r for r in rows}
-
-
-def _train_all(tasks: list, jobs: int, on_done) -> None:
-    """Train every (name, cfg, run) task; `jobs` > 1 runs that many at once in spawned processes,
-    each with cores // jobs intra-op threads (small networks use two single-threaded runs better than
-    one two-threaded run). on_done(name) is called in this process as each run ends."""
-    if jobs <= 1:
-        for name, cfg, run in tasks:
-            if _train_run(_as_dict(cfg), str(run)) == "interrupted":
-                raise KeyboardInterrupt
-            on_done(name)
-        return
-    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
-    queue = iter(tasks)
-    with _worker_pool(jobs) as pool, _sigterm_interrupts():
-        # Workers lead their own process groups: a terminal's Ctrl-C reaches only this process, which
-        # forwards it once below (a second SIGINT would make a run stop without saving), and a
-        # `kill -INT` or a scheduler's SIGTERM sent to this process alone reaches the runs too.
-        try:
-            _run_pool(pool, queue, jobs, threads, on_done)
-        except KeyboardInterrupt:
-            for proc in multiprocessing.active_children():  # the pool's workers: this process's only children
-                os.kill(proc.pid, signal.SIGINT)
-            raise  # leaving the `with` waits for the runs to save
-
-
-def _worker_pool(jobs: int) -> ProcessPoolExecutor:
-    """`jobs` spawned processes, each started by _worker_start."""
-    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_start)
-
-
-def _worker_start() -> None:
-    """A run's worker leads its own process group (see _train_all) and takes the allocator settings
-    `splitnet train` gets in cli.main: a spawned process runs none of the parent's start-up. Without
-    them a CIFAR-scale step re-faulted its freed activations (about 9,000 fresh pages a step) and ran
-    1.1 to 1.3x slower than the same run under `splitnet train` (docs/results.md)."""
-    os.setpgrp()
-    keep_freed_memory()
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM raises KeyboardInterrupt here, as SIGINT does (the default would orphan the workers)."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    old = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def _run_pool(pool, queue, jobs: int, threads: int, on_done) -> None:
-    running = {}
-
-    def start_next() -> None:
-        # One task per free worker, submitted only then: the pool queues nothing ahead, so a
-        # Ctrl-C leaves no queued run to start after the interrupted ones have saved.
-        for name, cfg, run in queue:
-            d = _as_dict(cfg)
-            d["threads"] = d["threads"] or threads
-            running[pool.submit(_train_run, d, str(run))] = name
-            return
-
-    for _ in range(jobs):
-        start_next()
-    while running:
-        done, _ = wait(running, return_when=FIRST_COMPLETED)
-        for f in done:
-            name = running.pop(f)
-            if f.result() == "interrupted":  # Ctrl-C reached the runs too; they have saved
-                raise KeyboardInterrupt
-            on_done(name)
-            start_next()
-
-
-def _result_row(name: str, cfg, meta: dict, runs: list, rel_time) -> dict:
-    """One table row: costs from the layout, errors (centre and ten patches) per seed and their
-    spread, training speed, and Figure 3's colour specificity per column per seed."""
-    rows = [_final_eval(run, cfg.eval_batch_size) for run in runs]
-    res = {"name": name, **_static(cfg, runs[0])}
-    metrics = [read_metrics(run) for run in runs]
-    seconds, colours = [], []
-    for run, m in zip(runs, metrics):
-        ck = ckpt.load(Path(run) / "checkpoint.pt")  # once a run: its working time and its conv1 kernels
-        seconds.append(_working_seconds(ck, m))
-        colours.append(_colour(ck))
-    speeds = [m[-1]["step"] * cfg.batch_size / t if m and t else None for m, t in zip(metrics, seconds)]
-    res.update({
-        "group": meta.get("group", ""),
-        "step_time_rel_paper": rel_time,
-        "seeds_done": len(runs),
-        "top1_err": _mean([r[1]["top1_err"] for r in rows]), "top5_err": _mean([r[1]["top5_err"] for r in rows]),
-        "top1_err_std": _std([r[1]["top1_err"] for r in rows]), "top5_err_std": _std([r[1]["top5_err"] for r in rows]),
-        "ten_top1_err": _mean([r[10]["top1_err"] for r in rows]),
-        "ten_top5_err": _mean([r[10]["top5_err"] for r in rows]),
-        "ten_top1_err_std": _std([r[10]["top1_err"] for r in rows]),
-        "per_seed": [{"top1_err": r[1]["top1_err"], "top5_err": r[1]["top5_err"],
-                      "ten_top1_err": r[10]["top1_err"], "ten_top5_err": r[10]["top5_err"]} for r in rows],
-        "steps": [m[-1].get("step") if m else None for m in metrics],
-        "train_minutes": [t / 60 if t else None for t in seconds],
-        "train_images_per_s": _mean([v for v in speeds if v]),
-        "colour_specificity": colours,
-        "paper_delta_top1": meta.get("paper_delta_top1"), "paper_delta_top5": meta.get("paper_delta_top5"),
-        "runs": [str(r) for r in runs],
-    })
-    return res
-
-
-def _working_seconds(ck: dict, metrics: list):
-    """Seconds a run worked, over all its segments: its checkpoint's elapsed_s (TrainState; the time
-    between an interruption and its resume is not in it), else (a checkpoint from before elapsed_s was
-    recorded) the span of its metrics' time stamps."""
-    state = ck.get("state", {})
-    if "elapsed_s" in state:
-        return float(state["elapsed_s"])
-    stamps = [m["time"] for m in metrics if m["kind"] == "train" and "time" in m]
-    return stamps[-1] - stamps[0] if len(stamps) > 1 else None
-
-
-def _colour(ck: dict) -> list:
-    """Figure 3's measure, mean colour specificity of each column's conv1 kernels (figures.py)."""
-    model = ckpt.model_from_checkpoint(ck, devices="cpu")[0]
-    return [float(colour_specificity(k).mean()) for k in conv1_columns(model)]
 
 
 def run_ablations(out, names=None, data=None, seeds: int = 1, sets=(), time_reps: int = 2,
@@ -311,7 +100,7 @@ def run_ablations(out, names=None, data=None, seeds: int = 1, sets=(), time_reps
     for n in names:  # parse every file first: a bad one fails before hours of training
         cfgs[n], metas[n] = load_experiment(n, data, sets, suite)
     runs = {n: [out / "runs" / f"{n}-seed{s}" for s in range(seeds)] for n in names}
-    seeded = {(n, s): load_config(None, [f"seed={s}"], base=_as_dict(cfgs[n])) for n in names for s in range(seeds)}
+    seeded = {(n, s): load_config(None, [f"seed={s}"], base=to_dict(cfgs[n])) for n in names for s in range(seeds)}
     for (n, s), cfg in seeded.items():  # a run of an experiment file edited since: refuse, before any training
         check_same_experiment(runs[n][s], cfg)
     timed = {n: r["step_time_rel_paper"] for n, r in done.items() if r.get("step_time_rel_paper")}
@@ -329,7 +118,7 @@ def run_ablations(out, names=None, data=None, seeds: int = 1, sets=(), time_reps
     left = {n: sum(1 for t in tasks if t[0] == n) for n in todo}
 
     def finish(n):
-        done[n] = _result_row(n, cfgs[n], metas[n], runs[n], timed.get(n))
+        done[n] = result_row(n, cfgs[n], metas[n], runs[n], timed.get(n))
         _write(out, done, data, suite)
 
     for n in todo:
@@ -341,9 +130,9 @@ def run_ablations(out, names=None, data=None, seeds: int = 1, sets=(), time_reps
         if not left[n]:
             finish(n)
 
-    _train_all(tasks, jobs, on_done)
+    train_all(tasks, jobs, on_done)
     _write(out, done, data, suite)
-    _plots(out, done)
+    plots(out, done)
     return [done[n] for n in names if n in done]
 
 
@@ -381,27 +170,6 @@ def _append_figure1(out: Path, res: dict) -> None:
     md.write_text((md.read_text() if md.exists() else "") + text)
 
 
-def _static(cfg, run) -> dict:
-    """Costs from the layout table, for the number of classes the run was trained on."""
-    classes = json.loads((Path(run) / "run.json").read_text())["classes"]
-    mcfg = replace(cfg.model, num_classes=len(classes))
-    lay = model_layout(mcfg.layout, mcfg)
-    return {"layout": lay.name, "columns": lay.columns, "classes": len(classes), "params": lay.params(),
-            "macs_per_image": lay.macs_per_image(),
-            "exchange_bytes_per_image": sum(lay.exchange_bytes_per_image().values())}
-
-
-def _as_dict(cfg) -> dict:
-    return to_dict(cfg)
-
-
-def _mean(v):
-    return sum(v) / len(v) if v else None
-
-
-def _std(v):
-    return statistics.stdev(v) if len(v) > 1 else 0.0
-
 
 _DATA_LINE = {
     "ablations": "the built-in synthetic set (10 classes; chance 90% top-1), experiments/ablations/_base.toml: "
@@ -411,10 +179,7 @@ _DATA_LINE = {
 }
 
 
-def _pct(v, spread=None) -> str:
-    if v is None:
-        return "-"
-    return f"{100 * v:.1f}" + (f" +/- {100 * spread:.1f}" if spread else "")
+_pct = functools.partial(pct, unit="")  # the table's cells: the column heads say "%"
 
 
 def _delta(r: dict, base: dict | None) -> str:
@@ -493,30 +258,7 @@ def _best_centre(row: dict):
     """Mean over the row's runs of the lowest per-epoch centre top-1 error in their metrics."""
     best = [min((m["val_top1_err"] for m in read_metrics(run) if m["kind"] == "eval"), default=None)
             for run in row.get("runs", [])]
-    return _mean([b for b in best if b is not None]) if any(b is not None for b in best) else None
-
-
-def _plots(out: Path, done: dict) -> None:
-    import matplotlib  # here, not at the top: only plotting needs it (a slow import), Agg before pyplot
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    groups = {}
-    for r in done.values():
-        groups.setdefault(r["group"], []).append(r)
-    for g, rows in groups.items():
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for r in rows + ([done["paper"]] if "paper" in done and done["paper"] not in rows else []):
-            ev = [m for m in read_metrics(r["runs"][0]) if m["kind"] == "eval"]
-            if ev:
-                ax.plot([m["step"] for m in ev], [m["val_top1_err"] for m in ev], "o-", ms=3, label=r["name"])
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation top-1 error (centre, seed 0)")
-        ax.set_ylim(0, 1)
-        ax.set_title(g)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"curves_{g.replace(' ', '_')}.png", dpi=90)
-        plt.close(fig)
+    return mean([b for b in best if b is not None]) if any(b is not None for b in best) else None
 
 
 # ---- command line -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ measures the error of the whole training set after each epoch (one more forward 
 Init (`init`): "paper" is the conditions of the paper's comparison: raw 0..255 pixels minus the mean
 image, weights N(0, sigma^2) with the config's stds (conv1 1e-4, conv2/conv3 0.01,
 fc64/fc10 0.1), zero biases. "torch": PyTorch's fan-in scaled default init on pixels divided by 64: a
-modern set-up, a different experiment (docs/paper-spec.md §8).
+modern set-up, a different experiment (docs/paper-map.md, Figure 1).
 
 Learning rate for speed: each candidate rate trains `search_epochs` epochs on a class-balanced
 subset of `search_images`; the rate with the lowest running training error in its last epoch wins.

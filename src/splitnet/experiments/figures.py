@@ -88,57 +88,20 @@ def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int 
     pick = torch.randperm(len(val_ds), generator=g)[: n_predict + n_query].tolist()
     dev = model.devices[0]
     model.eval()
-
-    def centre(ds, idx):
-        imgs, labels = ds.get_batch(idx)
-        return imgs, labels, eval_batch(imgs, ds.mean, data_cfg or _dcfg(), ten=False)
-
-    v_imgs, v_labels, v_x = centre(val_ds, pick)
+    v_imgs, v_labels, v_x = _centre(val_ds, pick, data_cfg)
     probs = torch.softmax(model(v_x.to(dev)).float(), 1).cpu()
     q_feat = model.features(v_x[n_predict:].to(dev), "fc7").float().cpu()
 
     pool = torch.arange(len(train_ds))
     if len(train_ds) > max_train:
         pool = torch.randperm(len(train_ds), generator=g)[:max_train].sort().values
-    feats = []
-    for i in range(0, len(pool), batch_size):
-        _, _, x = centre(train_ds, pool[i:i + batch_size].tolist())
-        feats.append(model.features(x.to(dev), "fc7").float().cpu())
-    feats = torch.cat(feats)
-    dist = torch.cdist(q_feat, feats)
+    dist = torch.cdist(q_feat, _fc7_features(model, train_ds, pool, batch_size, data_cfg))
     nearest = pool[dist.topk(n_neighbours, largest=False).indices]
 
     fig = plt.figure(figsize=(2.2 * (n_neighbours + 1) + 2.2 * 4, 2.4 * max(2, n_query)))
     gs = fig.add_gridspec(max(2, n_query), n_neighbours + 1 + 4, wspace=0.3, hspace=0.45)
-    for i in range(n_predict):
-        r, c = divmod(i, 2)
-        sub = gs[r % max(2, n_query), c * 2:(c * 2) + 2] if r < max(2, n_query) else None
-        if sub is None:
-            break
-        inner = sub.subgridspec(1, 2, wspace=0.05)
-        ax = fig.add_subplot(inner[0])
-        ax.imshow(_display(v_imgs[i]))
-        ax.set_axis_off()
-        ax.set_title(classes[int(v_labels[i])], fontsize=7)
-        ax2 = fig.add_subplot(inner[1])
-        p, top = probs[i].topk(min(5, len(ids)))
-        colors = ["tab:red" if ids[int(t)] == classes[int(v_labels[i])] else "tab:blue" for t in top]
-        ax2.barh(range(len(top))[::-1], p.numpy(), color=colors)
-        ax2.set_yticks(range(len(top))[::-1], [names[int(t)][:24] for t in top], fontsize=6)
-        ax2.yaxis.tick_right()
-        ax2.set_xlim(0, 1)
-        ax2.tick_params(axis="x", labelsize=5)
-    for q in range(n_query):
-        ax = fig.add_subplot(gs[q, 4])
-        ax.imshow(_display(v_imgs[n_predict + q]))
-        ax.set_axis_off()
-        ax.set_title("query: " + classes[int(v_labels[n_predict + q])], fontsize=7)
-        nb_imgs, nb_labels = train_ds.get_batch(nearest[q].tolist())
-        for j in range(n_neighbours):
-            ax = fig.add_subplot(gs[q, 5 + j])
-            ax.imshow(_display(nb_imgs[j]))
-            ax.set_axis_off()
-            ax.set_title(classes[int(nb_labels[j])], fontsize=6)
+    _plot_predictions(fig, gs, v_imgs[:n_predict], v_labels[:n_predict], probs, classes, ids, names)
+    _plot_neighbours(fig, gs, v_imgs[n_predict:], v_labels[n_predict:], train_ds, nearest, classes)
     fig.suptitle(f"Figure 4: top-5 predictions (red: the true label); nearest training images by fc7 "
                  f"distance (searched {len(pool)} of {len(train_ds)} training images)", fontsize=9)
     path = Path(path)
@@ -149,6 +112,58 @@ def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int 
     top1 = float(np.mean([ids[int(t)] == classes[int(v)] for t, v in zip(probs[:n_predict].argmax(1), v_labels[:n_predict])]))
     return {"neighbours_same_class": same, "searched_train_images": int(len(pool)),
             "shown_predictions_top1_correct": top1}
+
+
+def _centre(ds, idx, data_cfg) -> tuple:
+    """(uint8 images, labels, centre patches ready for the model) of ds's images `idx`."""
+    imgs, labels = ds.get_batch(idx)
+    return imgs, labels, eval_batch(imgs, ds.mean, data_cfg or _dcfg(), ten=False)
+
+
+def _fc7_features(model, ds, pool, batch_size: int, data_cfg) -> torch.Tensor:
+    """fc7 vectors [len(pool), 4096] of ds's images `pool` (centre patches), in batches."""
+    feats = []
+    for i in range(0, len(pool), batch_size):
+        _, _, x = _centre(ds, pool[i:i + batch_size].tolist(), data_cfg)
+        feats.append(model.features(x.to(model.devices[0]), "fc7").float().cpu())
+    return torch.cat(feats)
+
+
+def _plot_predictions(fig, gs, imgs, labels, probs, classes, ids, names) -> None:
+    """Figure 4's left: each image beside its top-5 bars, two images a grid row, as many as fit."""
+    rows = gs.get_geometry()[0]
+    for i in range(len(imgs)):
+        r, c = divmod(i, 2)
+        if r >= rows:
+            break
+        inner = gs[r % rows, c * 2:(c * 2) + 2].subgridspec(1, 2, wspace=0.05)
+        ax = fig.add_subplot(inner[0])
+        ax.imshow(_display(imgs[i]))
+        ax.set_axis_off()
+        ax.set_title(classes[int(labels[i])], fontsize=7)
+        ax2 = fig.add_subplot(inner[1])
+        p, top = probs[i].topk(min(5, len(ids)))
+        colors = ["tab:red" if ids[int(t)] == classes[int(labels[i])] else "tab:blue" for t in top]
+        ax2.barh(range(len(top))[::-1], p.numpy(), color=colors)
+        ax2.set_yticks(range(len(top))[::-1], [names[int(t)][:24] for t in top], fontsize=6)
+        ax2.yaxis.tick_right()
+        ax2.set_xlim(0, 1)
+        ax2.tick_params(axis="x", labelsize=5)
+
+
+def _plot_neighbours(fig, gs, queries, labels, train_ds, nearest, classes) -> None:
+    """Figure 4's right: a query image a row (grid column 4), its nearest training images after it."""
+    for q in range(len(queries)):
+        ax = fig.add_subplot(gs[q, 4])
+        ax.imshow(_display(queries[q]))
+        ax.set_axis_off()
+        ax.set_title("query: " + classes[int(labels[q])], fontsize=7)
+        nb_imgs, nb_labels = train_ds.get_batch(nearest[q].tolist())
+        for j in range(nearest.shape[1]):
+            ax = fig.add_subplot(gs[q, 5 + j])
+            ax.imshow(_display(nb_imgs[j]))
+            ax.set_axis_off()
+            ax.set_title(classes[int(nb_labels[j])], fontsize=6)
 
 
 def _dcfg():

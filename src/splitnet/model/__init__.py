@@ -1,6 +1,7 @@
 """The network: the layout table, the column built from it, and the exchanges between columns.
 
     layout.py       the table (one row per paper layer) and its costs; the built-in layouts
+    rows.py         a row, its costs, LayoutError; analysis.py: checking a table and costing it
     config.py       ModelConfig (the paper's values as defaults)
     layers.py       LRN (§3.3) and the paper's dropout (§4.2)
     columns.py      SplitAlexNet: one Column per column of the table

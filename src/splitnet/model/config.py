@@ -12,7 +12,7 @@ class ModelConfig:
     """The network's options. Defaults are the paper's (Krizhevsky et al. 2012, §3, §5).
 
     Every deviation the original code (cuda-convnet) or later ports made is a value here, the paper's
-    value being the default (see docs/paper-spec.md §1-3).
+    value being the default (docs/paper-map.md names each one beside its section of the paper).
     """
 
     layout: str = "paper"
@@ -20,7 +20,7 @@ class ModelConfig:
     # The scale of the network (layout.GEOMETRIES): "imagenet" is the paper's (224 crops, 11x11/4 conv1,
     # paper widths); "cifar" the same family on 32x32 images (24 crops, 5x5 conv1, narrower layers).
     geometry: str = "imagenet"
-    # Input geometry for conv1 (paper-spec §1): "pad3" = 224 crops with cuda-convnet's 3-pixel
+    # Input geometry for conv1 (§3.5, docs/paper-map.md): "pad3" = 224 crops with cuda-convnet's 3-pixel
     # right/bottom zero pad (the original), "caffe227" = 227 crops, no pad, "torchvision" = 224 with
     # a symmetric pad of 2. All three give 55x55 conv1 maps.
     input_mode: str = "pad3"

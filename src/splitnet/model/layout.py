@@ -15,7 +15,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
-LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+from .analysis import analyse
+# The table's pieces live in rows.py, its check and costs in analysis.py; importable from here too.
+from .rows import LAYER_NAMES, LayerRow, LayerStats, LayoutError  # noqa: F401
 
 # Total widths of the paper's network (both columns together), §3.5.
 PAPER_WIDTHS = {"conv1": 96, "conv2": 256, "conv3": 384, "conv4": 384, "conv5": 256,
@@ -68,53 +70,6 @@ def get_geometry(name) -> Geometry:
     return GEOMETRIES[name]
 
 
-class LayoutError(ValueError):
-    """An inconsistent layout table; the message names the layer."""
-
-
-@dataclass(frozen=True)
-class LayerRow:
-    """One paper layer. `widths[c]` is the number of maps (conv) or units (fc) column c computes."""
-
-    name: str
-    kind: str  # "conv" or "fc"
-    widths: tuple
-    kernel: int = 1
-    stride: int = 1
-    pad: int = 0
-    cross: bool = False  # reads every column's maps (an exchange) instead of only its own
-    act: bool = True  # ReLU (or tanh) after the layer; the paper has none on fc8 (§3.5)
-    lrn: bool = False  # local response normalisation after the activation (§3.3)
-    # The LRN window runs over every column's maps (Caffe's single-device net), not only this
-    # column's (the original code): the maps of the other columns must be exchanged first.
-    lrn_cross: bool = False
-    pool: tuple | None = None  # (window, stride) max pooling after LRN; (3, 2) overlaps (§3.4)
-    dropout: bool = False  # dropout on the layer's output (§4.2)
-
-    @property
-    def columns(self) -> int:
-        return len(self.widths)
-
-    @property
-    def total(self) -> int:
-        return sum(self.widths)
-
-
-@dataclass(frozen=True)
-class LayerStats:
-    """What one layer costs and produces, per column, for one image."""
-
-    name: str
-    in_widths: tuple  # input channels (conv) or features (fc) per column (0 = not computed)
-    out_shapes: tuple  # per column: (C, H, W) after conv / pooling, or (units,) for fc; None if absent
-    neurons: int  # conv/fc outputs before pooling, summed over columns (Fig. 2 caption)
-    params: int
-    macs: int  # multiply-adds per image
-    exchange_bytes: int  # forward bytes per image leaving their column to feed this layer
-    exchanges: tuple  # (src, dst, bytes per image) for every tensor that leaves its column
-    column_params: tuple = ()  # params per column (their sum is `params`)
-
-
 @dataclass(frozen=True)
 class Layout:
     """A named, validated table of LayerRows. Build with `make_layout` or `get_layout`."""
@@ -126,7 +81,7 @@ class Layout:
     _stats: tuple = field(default=(), repr=False, compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "_stats", tuple(_analyse(self)))
+        object.__setattr__(self, "_stats", tuple(analyse(self)))
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -197,131 +152,6 @@ class Layout:
         lines.append(f"| total | {self.columns} column(s) | | | | | {self.params():,} | "
                      f"{self.macs_per_image():,} | {sum(s.exchange_bytes for s in self._stats):,} |")
         return "\n".join(lines)
-
-
-def _pool_out(side: int, pool) -> int:
-    return side if not pool else (side - pool[0]) // pool[1] + 1
-
-
-def _analyse(layout: Layout) -> list:
-    """Validate the table and compute shapes and costs; errors name the layer."""
-    rows = layout.rows
-    if not rows:
-        raise LayoutError(f"layout {layout.name!r} has no layers")
-    ncol = rows[0].columns
-    if ncol < 1:
-        raise LayoutError(f"layer {rows[0].name}: no columns")
-    seen_fc = False
-    last_index = -1
-    for r in rows:
-        if r.name not in LAYER_NAMES:
-            raise LayoutError(f"unknown layer {r.name!r} (the paper's layers are {', '.join(LAYER_NAMES)})")
-        index = LAYER_NAMES.index(r.name)
-        if index <= last_index:
-            raise LayoutError(f"layer {r.name}: out of order or repeated (layers run in the paper's order)")
-        last_index = index
-        expected_kind = "fc" if r.name.startswith("fc") else "conv"
-        if r.kind != expected_kind:
-            raise LayoutError(f"layer {r.name}: kind {r.kind!r}, expected {expected_kind!r}")
-        seen_fc = seen_fc or r.kind == "fc"
-        if r.columns != ncol:
-            raise LayoutError(f"width mismatch: layer {r.name} gives {r.columns} column widths, "
-                              f"layer {rows[0].name} gives {ncol}")
-        if any((not isinstance(w, int)) or w < 0 for w in r.widths):
-            raise LayoutError(f"layer {r.name}: widths must be non-negative integers, got {r.widths}")
-        if r.total == 0:
-            raise LayoutError(f"layer {r.name}: every column has width 0")
-        if r.pool is not None and (len(r.pool) != 2 or min(r.pool) < 1):
-            raise LayoutError(f"layer {r.name}: pool must be (window, stride), got {r.pool}")
-    if rows[0].name != "conv1":
-        raise LayoutError(f"layer {rows[0].name}: the first layer must be conv1")
-    if rows[-1].name != "fc8":
-        raise LayoutError(f"layer {rows[-1].name}: the last layer must be fc8 (the classifier)")
-    if rows[0].cross:
-        raise LayoutError("layer conv1: conv1 reads the whole image in every column (§3.2); "
-                          "'cross' has no meaning there")
-    if rows[0].widths.count(0):
-        raise LayoutError("layer conv1: every column must compute conv1 (each column starts from the image)")
-    if sum(1 for w in rows[-1].widths if w > 0) != 1:
-        raise LayoutError(f"layer fc8: the output layer is computed on exactly one column (the head), "
-                          f"got widths {rows[-1].widths}")
-
-    stats = []
-    prev_out = [(3, layout.image_side, layout.image_side)] * ncol  # the image, on every column
-    for i, r in enumerate(rows):
-        # What each column reads: its own previous output, or every column's (concatenated).
-        present = [sh for sh in prev_out if sh is not None]
-        if r.kind == "conv" and any(len(sh) != 3 for sh in present):
-            raise LayoutError(f"layer {r.name}: a conv layer cannot follow a fully connected one")
-        if r.cross and len({sh[1:] for sh in present}) != 1:
-            raise LayoutError(f"layer {r.name}: columns' inputs have different spatial sizes")
-        in_widths, in_feats, out_shapes, exch = [], [], [], []
-        for c, w in enumerate(r.widths):
-            if w == 0:
-                in_widths.append(0)
-                in_feats.append(0)
-                out_shapes.append(None)
-                continue
-            if r.cross:
-                srcs = [s for s, sh in enumerate(prev_out) if sh is not None]
-            else:
-                if prev_out[c] is None:
-                    raise LayoutError(
-                        f"layer {r.name}: column {c} computes {w} outputs but reads only its own column, "
-                        f"which has no {rows[i - 1].name} output (mark {r.name} cross, or give column {c} "
-                        f"a {rows[i - 1].name} width)")
-                srcs = [c]
-            for s in srcs:
-                if s != c:
-                    exch.append((s, c, 4 * _numel(prev_out[s])))
-            ch = sum(prev_out[s][0] for s in srcs)
-            if r.kind == "conv":
-                side = prev_out[srcs[0]][1]
-                out = (side + 2 * r.pad - r.kernel) // r.stride + 1
-                if out < 1:
-                    raise LayoutError(f"layer {r.name}: input {side}x{side} is smaller than the kernel")
-                in_widths.append(ch)
-                in_feats.append(ch * r.kernel * r.kernel)
-                out_shapes.append((w, out, out))
-            else:
-                feats = sum(_numel(prev_out[s]) for s in srcs)
-                in_widths.append(feats)
-                in_feats.append(feats)
-                out_shapes.append((w,))
-        # Every output the previous layer computed must be read by this one.
-        if i > 0:
-            for s, sh in enumerate(prev_out):
-                if sh is None:
-                    continue
-                read = r.widths[s] > 0 or (r.cross and any(w > 0 for w in r.widths))
-                if not read:
-                    raise LayoutError(
-                        f"unused row: layer {rows[i - 1].name} of column {s} is never read "
-                        f"({r.name} does not cross and column {s} has no {r.name} units)")
-        column_params = tuple(f * w + w if w else 0 for f, w in zip(in_feats, r.widths))
-        params = sum(column_params)
-        spatial = [(sh[1] * sh[2]) if sh and len(sh) == 3 else 1 for sh in out_shapes]
-        if r.lrn and r.lrn_cross:
-            cols = [c for c, w in enumerate(r.widths) if w]
-            exch += [(s_, d, 4 * r.widths[s_] * spatial[s_]) for d in cols for s_ in cols if s_ != d]
-        macs = sum(f * w * sp for f, w, sp in zip(in_feats, r.widths, spatial) if w)
-        neurons = sum(w * sp for w, sp in zip(r.widths, spatial) if w)
-        # Pooling shrinks the maps the next layer reads.
-        after = tuple((sh[0], _pool_out(sh[1], r.pool), _pool_out(sh[2], r.pool)) if sh and len(sh) == 3
-                      else sh for sh in out_shapes)
-        if any(sh is not None and len(sh) == 3 and sh[1] < 1 for sh in after):
-            raise LayoutError(f"layer {r.name}: pooling {r.pool} leaves no pixels")
-        stats.append(LayerStats(r.name, tuple(in_widths), after, neurons, params, macs,
-                                sum(b for _, _, b in exch), tuple(exch), column_params))
-        prev_out = list(after)
-    return stats
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def make_layout(name: str = "custom", columns: int = 2, cross: Iterable[str] = PAPER_CROSS,

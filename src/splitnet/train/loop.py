@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, replace, to_dict
+from ..config import ConfigError, replace, set_item, to_dict
 from ..data import PackedDataset, resolve_data
 from ..data.cache import identity
 from ..model.precision import memory_format, needs_loss_scaling, tf32
@@ -544,7 +544,7 @@ def register(sub) -> None:
 
 
 def _main(args) -> int:
-    sets = list(args.sets) + ([f'data.root="{args.data}"'] if args.data else [])
+    sets = list(args.sets) + ([set_item("data.root", args.data)] if args.data else [])
     if args.resume:
         summary = train(out=args.resume, resume=True, sets=sets)
     else:

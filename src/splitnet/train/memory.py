@@ -9,7 +9,7 @@ batch 128 took 5.5 to 7.1 s without, 4.0 s with (README, Performance). The cost:
 its peak heap size until it exits, which a training process reaches every step anyway.
 
 Each process that trains calls keep_freed_memory() once at its start: the command line (cli.main),
-`ablate --jobs N`'s spawned workers (experiments/ablate.py: _worker_start, since a spawned process
+`ablate --jobs N`'s spawned workers (experiments/run_pool.py: _worker_start, since a spawned process
 runs none of cli.main) and the distributed bench's ranks (bench/dist.py). Importing splitnet does not.
 Set SPLITNET_MALLOC=default to leave the allocator alone.
 """

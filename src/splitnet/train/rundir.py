@@ -9,7 +9,7 @@
   best.pt          the weights of the best validation evaluation so far
   .lock            held (flock) by the one process training into the folder
   final_eval.json  (`ablate` only) the final weights' centre and ten-patch errors, with the
-                   checkpoint.pt they were computed from (experiments/ablate.py: _final_eval)
+                   checkpoint.pt they were computed from (experiments/run_pool.py: final_eval)
 
 Writes are atomic (temporary file, then rename), so a kill at any moment leaves the last complete
 version of each file; the temporaries a kill leaves behind are removed at the next start.
