@@ -125,6 +125,13 @@ def test_runner_fills_every_column_and_resumes(cache32, tmp_path, monkeypatch):
     assert rows[1]["paper_delta_top1"] == 1.4
     md = (tmp_path / "ablations.md").read_text()
     assert "no-lrn" in md and "+1.4 / +1.2" in md
+    # The data line says what the runs trained on and with (the data given, --set's batch and budget).
+    assert f"`{cache32}`" in md and "batch 4, 10 epochs, at most 1 steps" in md and "CIFAR-10 at 32x32" not in md
+    import splitnet.experiments.ablate as ab  # an interrupted invocation names the rows it has not finished
+    (tmp_path / "cut").mkdir()
+    ab._write(tmp_path / "cut", {"paper": data[0]}, str(cache32), "cifar", None, ["paper", "no-lrn"])
+    assert "Not finished (an interrupted invocation; the same command resumes them): no-lrn." in (
+        tmp_path / "cut" / "ablations.md").read_text()
     assert (tmp_path / "curves_layer_splits.png").exists() and (tmp_path / "curves_components.png").exists()
     # Resume: finished experiments are kept, not retrained.
     mtime = (tmp_path / "runs" / "paper-seed0" / "checkpoint.pt").stat().st_mtime

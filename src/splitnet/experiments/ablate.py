@@ -105,8 +105,8 @@ def run_ablations(out, names=None, data=None, seeds: int = 1, sets=(), time_reps
         check_same_experiment(runs[n][s], cfg)
     timed = {n: r["step_time_rel_paper"] for n, r in done.items() if r.get("step_time_rel_paper")}
     to_time = {n: c for n, c in cfgs.items() if n not in timed}
+    paper_cfg = cfgs.get("paper") or load_experiment("paper", data, sets, suite)[0]
     if to_time:  # before any training, so that nothing else runs while it times
-        paper_cfg = cfgs.get("paper") or load_experiment("paper", data, sets, suite)[0]
         timed.update(step_times(paper_cfg, to_time, reps=time_reps))
     # Done is what the run directories say, not the table: a deleted run is trained again
     tasks = [(n, seeded[n, s], run) for n in names for s, run in enumerate(runs[n]) if not run_done(run, cfgs[n])]
@@ -119,7 +119,7 @@ def run_ablations(out, names=None, data=None, seeds: int = 1, sets=(), time_reps
 
     def finish(n):
         done[n] = result_row(n, cfgs[n], metas[n], runs[n], timed.get(n))
-        _write(out, done, data, suite)
+        _write(out, done, data, suite, paper_cfg, names)
 
     for n in todo:
         if not left[n]:
@@ -131,7 +131,7 @@ def run_ablations(out, names=None, data=None, seeds: int = 1, sets=(), time_reps
             finish(n)
 
     train_all(tasks, jobs, on_done)
-    _write(out, done, data, suite)
+    _write(out, done, data, suite, paper_cfg, names)
     plots(out, done)
     return [done[n] for n in names if n in done]
 
@@ -171,12 +171,31 @@ def _append_figure1(out: Path, res: dict) -> None:
 
 
 
-_DATA_LINE = {
-    "ablations": "the built-in synthetic set (10 classes; chance 90% top-1), experiments/ablations/_base.toml: "
-                 "batch 32, 2 minutes of training each",
-    "cifar": "CIFAR-10 at 32x32, experiments/cifar.toml: the paper's network family at CIFAR scale (24x24 "
-             "crops, narrower layers), batch 128, a fixed number of epochs",
+# What each suite's base file sets; the data, batch and budget are read from the run's own config.
+_SUITE_LINE = {
+    "ablations": "experiments/ablations/_base.toml",
+    "cifar": "experiments/cifar.toml: the paper's network family at CIFAR scale (24x24 crops of 32x32 images, "
+             "narrower layers)",
 }
+
+
+def _setting(cfg) -> str:
+    """Batch and budget as the experiments trained (an experiment file or --set may change them)."""
+    budget = [f"{cfg.epochs} epochs"]
+    if cfg.max_steps:
+        budget.append(f"at most {cfg.max_steps} steps")
+    if cfg.max_minutes:
+        budget.append(f"at most {cfg.max_minutes:g} minutes")
+    return f"batch {cfg.batch_size}, " + ", ".join(budget)
+
+
+def _data_line(data, suite: str, cfg) -> str:
+    if data:
+        base = "experiments/paper.toml (the full paper schedule)" if suite == "ablations" else _SUITE_LINE[suite]
+        return f"`{data}`, {base}; {_setting(cfg)}"
+    what = ("the built-in synthetic set (10 classes; chance 90% top-1)" if suite == "ablations"
+            else "the suite's default data")
+    return f"{what}, {_SUITE_LINE[suite]}; {_setting(cfg)}"
 
 
 _pct = functools.partial(pct, unit="")  # the table's cells: the column heads say "%"
@@ -194,15 +213,16 @@ def _delta(r: dict, base: dict | None) -> str:
     return f"{100 * d1:+.1f} / {100 * d5:+.1f}{tag}"
 
 
-def _write(out: Path, done: dict, data, suite: str = "ablations") -> None:
+def _write(out: Path, done: dict, data, suite: str = "ablations", cfg=None, asked=()) -> None:
+    """ablations.md and ablations.json of the rows `done`; `cfg`: the paper experiment's config (the
+    data line's batch and budget), `asked`: every experiment of the invocation (those missing are named)."""
     order = [n for n in experiment_names(suite) if n in done]
     rows = [done[n] for n in order + [n for n in done if n not in order]]
     tmp = out / ".ablations.json.tmp"
     tmp.write_text(json.dumps(rows, indent=2))
     tmp.replace(out / "ablations.json")
     base = done.get("paper")
-    where = f"`{data}`, " + ("experiments/paper.toml (the full paper schedule)" if suite == "ablations"
-                              else _DATA_LINE[suite]) if data else _DATA_LINE[suite]
+    where = _data_line(data, suite, cfg or load_experiment("paper", data, (), suite)[0])
     lines = [
         "# Ablations" + (" at CIFAR-10 scale" if suite == "cifar" else ""),
         "",
@@ -239,6 +259,9 @@ def _write(out: Path, done: dict, data, suite: str = "ablations") -> None:
                   "These runs had not left the initial plateau of the paper's init within the budget, so "
                   "their errors say nothing about the ablated component; the cost columns (parameters, "
                   "MACs, exchange bytes, step time) hold regardless."]
+    missing = [n for n in asked if n not in done]
+    if missing:
+        lines += ["", f"Not finished (an interrupted invocation; the same command resumes them): {', '.join(missing)}."]
     lines += ["", f"Seeds per experiment: {', '.join(str(r['seeds_done']) for r in rows)}; "
               f"training steps: {', '.join(str(r['steps']) for r in rows)}."]
     colour = [r for r in rows if r.get("colour_specificity")]

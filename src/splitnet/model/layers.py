@@ -1,6 +1,7 @@
 """The paper's non-standard layers: local response normalisation (§3.3) and dropout (§4.2)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -37,18 +38,20 @@ class LocalResponseNorm(nn.Module):
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, convention={self.convention}"
 
 
-@functools.lru_cache(maxsize=64)
-def _band(c: int, before: int, after: int, scale: float, groups: int, dtype: torch.dtype,
-          device: torch.device) -> torch.Tensor:
+def band_matrix(c: int, before: int, after: int, scale: float, groups: int, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
     """band[i, j] = scale * [i - before <= j <= i + after and i, j in the same group of c // groups
-    channels], [c, c]. Built once per shape and reused (a CUDA step would otherwise launch its few
-    kernels on every LRN call, forward and backward). groups > 1 is block-diagonal: the grouped
-    network's per-column LRN (§3.3) without folding the columns into the batch, which would copy a
-    channels_last tensor to NCHW. Callers never write into it."""
+    channels], [c, c]. groups > 1 is block-diagonal: the grouped network's per-column LRN (§3.3)
+    without folding the columns into the batch, which would copy a channels_last tensor to NCHW."""
     i = torch.arange(c, device=device)
     off = i[None, :] - i[:, None]  # off[i, j] = j - i
     same = (i[:, None] // (c // groups)) == (i[None, :] // (c // groups))
     return ((off >= -before) & (off <= after) & same).to(dtype) * scale
+
+
+# Built once per shape and reused (a CUDA step would otherwise launch its few kernels on every LRN
+# call, forward and backward). Callers never write into it.
+_band = functools.lru_cache(maxsize=64)(band_matrix)
 
 
 def _window_sum(t: torch.Tensor, before: int, after: int, scale: float = 1.0, groups: int = 1) -> torch.Tensor:
@@ -95,7 +98,7 @@ class _LRN(torch.autograd.Function):
         # past it, the window sums turn inf and the output NaN. So the squares, window sums and power
         # are float32 under any autocast, CPU or CUDA (autocast would also send the window sum's
         # matmul back to float16), and only the output returns to x's dtype for the next layer.
-        with torch.autocast(x.device.type, enabled=False):
+        with _full_precision(x.device.type):
             xw = _wide(x)
             d = _window_sum(xw * xw, size // 2, (size - 1) // 2, alpha, groups).add_(k)
             dpow = _neg_pow(d, beta)
@@ -108,13 +111,21 @@ class _LRN(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, d, dpow = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):  # float32, as the forward
+        with _full_precision(x.device.type):  # float32, as the forward
             xw = _wide(x)
             q = _wide(g) * dpow
             t = _window_sum((q * xw).div_(d), (ctx.size - 1) // 2, ctx.size // 2, 2 * ctx.beta * ctx.alpha,
                             ctx.groups)
             dx = q.addcmul_(t, xw, value=-1.0).to(x.dtype)
         return dx, None, None, None, None, None
+
+
+def _full_precision(device_type: str):
+    """Autocast off on `device_type`; nothing to switch off where autocast does not exist (the meta
+    device the tests build models on)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:

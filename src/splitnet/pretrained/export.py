@@ -14,20 +14,23 @@ import torch
 from torch import nn
 
 from ..model.grouped import GroupedAlexNet
-from ..model.layers import _neg_pow, _window_sum
+from ..model.layers import _neg_pow, band_matrix
 
 
 class PlainLRN(nn.Module):
     """The LRN of layers.LocalResponseNorm written with plain ops (a banded matmul, a power): the same
-    values, and a graph exporters can trace. Input [B, C, H, W]."""
+    values, and a graph exporters can trace (the band is built in the graph, not taken from the
+    training LRN's cache). Input [B, C, H, W], `groups` columns side by side."""
 
     def __init__(self, lrn):
         super().__init__()
         self.size, self.beta, self.k = lrn.size, lrn.beta, lrn.k
         self.a = lrn.alpha if lrn.convention == "paper" else lrn.alpha / lrn.size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = _window_sum(x * x, self.size // 2, (self.size - 1) // 2, self.a) + self.k
+    def forward(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        b, c = x.shape[:2]
+        band = band_matrix(c, self.size // 2, (self.size - 1) // 2, self.a, groups, x.dtype, x.device)
+        d = torch.matmul(band, (x * x).reshape(b, c, -1)).view_as(x) + self.k
         return x * _neg_pow(d, self.beta)
 
 

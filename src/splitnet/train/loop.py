@@ -380,8 +380,8 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> str | None:
     y = y.to(model.devices[model.layout.head], non_blocking=True)
     # Dropout masks from (seed, step): identical on every placement and after a resume.
     res = sgd_step(model, run.opt, x, y, run.scaler, rt, step=st.step, seed=cfg.seed, mode=cfg.precision,
-                   full_batch=global_batch, offset=offset, signalled=run.stop.signal is not None,
-                   elapsed=run.elapsed())
+                   full_batch=global_batch, offset=offset, signalled=lambda: run.stop.signal is not None,
+                   elapsed=run.elapsed)
     st.step += 1
     st.batch += 1
     dt = time.time() - t0

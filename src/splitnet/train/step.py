@@ -36,12 +36,14 @@ class StepResult:
 
 
 def sgd_step(model, opt, x, y, scaler, rt, *, step: int, seed: int, mode: str, full_batch: int | None = None,
-             offset: int = 0, signalled: bool = False, elapsed: float = 0.0) -> StepResult:
+             offset: int = 0, signalled=False, elapsed=0.0) -> StepResult:
     """One step on x [b, 3, S, S], y [b] already on the devices (model in train mode). full_batch /
     offset: this process's rows of the global batch (data parallel), so every placement draws the
     same dropout masks. A model without dropout streams (the grouped network) draws from the global
     RNG. `scaler` (train/scaler.py) must live as long as the run: a fresh one per step would restart
-    at 2**16 and skip steps that training would take."""
+    at 2**16 and skip steps that training would take. signalled / elapsed: values, or callables read
+    after backward (the run's stop flag and clock as they stand when the step's work is done: a
+    budget checked against the clock before the step would let one more step through)."""
     if hasattr(model, "set_dropout_stream"):
         model.set_dropout_stream(derive_seed(seed, STREAM_DROPOUT, step), full_batch or len(x), offset)
     with autocast(mode, x.device.type):  # forward and loss; backward follows the forward's dtypes
@@ -53,6 +55,7 @@ def sgd_step(model, opt, x, y, scaler, rt, *, step: int, seed: int, mode: str, f
     overflow = scaler.unscale_and_check(model.parameters())  # this rank's gradients; agreed below
     err = (logits.argmax(1) != y).float().mean() if logits is not None else None
     lv = loss.detach() if loss is not None else None
+    signalled, elapsed = (v() if callable(v) else v for v in (signalled, elapsed))
     lv, err, signalled, elapsed, overflow = rt.agree(lv, err, signalled, elapsed, overflow)
     scale = scaler.scale
     scaler.update(overflow)
