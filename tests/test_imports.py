@@ -121,3 +121,21 @@ def test_python_requires_covers_what_the_sources_use():
     text = "".join(p.read_text() for p in _modules().values())
     needs = (3, 11) if ("import tomllib" in text or ".add_note(" in text) else (3, 8)
     assert low >= needs, f"python_requires >= {low}, but the sources need {needs}"
+
+
+def test_subpackages_import_only_those_the_readme_lists_above_them():
+    """The README's repository map lists the subpackages in their import order ("Each subpackage
+    imports only splitnet/config.py and the subpackages listed above it"): the sentence is checked."""
+    import re
+    readme = (SRC.parent / "README.md").read_text()
+    order = re.findall(r"^src/splitnet/(\w+)/", readme, re.M)
+    assert len(order) >= 5 and "model" in order, order
+    rank = {p: i for i, p in enumerate(order)}
+    for name, targets in _graph().items():
+        parts = name.split(".")
+        if len(parts) < 3 or parts[1] not in rank:
+            continue
+        for t in targets:
+            tp = t.split(".")
+            if len(tp) >= 2 and tp[1] in rank and tp[1] != parts[1]:
+                assert rank[tp[1]] < rank[parts[1]], f"{name} imports {t}: {tp[1]} is not listed above {parts[1]}"
