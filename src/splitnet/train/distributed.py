@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..compat import default_store
 from ..config import replace
 from ..model.columns import SplitAlexNet
 from ..model.convert import column_tensors
@@ -363,7 +364,7 @@ def is_collective_failure(e: BaseException) -> bool:
 def post_failure(mesh: Mesh, e: BaseException) -> None:
     """Leave this rank's own error in the rendezvous store, where the ranks it strands can read it."""
     try:
-        _store().set(_FAILED_KEY.format(mesh.rank), f"{type(e).__name__}: {first_line(e)}")
+        default_store().set(_FAILED_KEY.format(mesh.rank), f"{type(e).__name__}: {first_line(e)}")
     except Exception:  # the store may be gone with its host; the error itself is still raised
         pass
 
@@ -373,7 +374,7 @@ def peer_failures(mesh: Mesh, wait_s: float = 2.0) -> dict:
     connection closes as its process exits, just after it posted: wait a moment for the note."""
     deadline = time.time() + wait_s
     try:
-        store = _store()
+        store = default_store()
         keys = [_FAILED_KEY.format(r) for r in range(mesh.world) if r != mesh.rank]
         while True:
             found = {int(k.rsplit("/", 1)[1]): store.get(k).decode() for k in keys if store.check([k])}
@@ -382,13 +383,6 @@ def peer_failures(mesh: Mesh, wait_s: float = 2.0) -> dict:
             time.sleep(0.1)
     except Exception:  # the store died with the rank that hosted it
         return {}
-
-
-def _store():
-    # The default group's rendezvous store (torchrun's agent hosts it, so it outlives a failed rank).
-    # torch has no public accessor for it.
-    from torch.distributed.distributed_c10d import _get_default_store
-    return _get_default_store()
 
 
 def first_line(e: BaseException) -> str:
