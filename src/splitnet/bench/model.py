@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..compat import profile_all_threads
 from ..model.columns import SplitAlexNet
 from ..model.grouped import GroupedAlexNet
 from ..model.layout import get_layout
