@@ -144,7 +144,7 @@ def archive(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache32(archive, tmp_path_factory):
+def archive_cache(archive, tmp_path_factory):
     path, members = archive
     out = tmp_path_factory.mktemp("cache32")
     # shard size 16 with batches of 24: shards straddle batch boundaries
@@ -153,9 +153,9 @@ def cache32(archive, tmp_path_factory):
 
 
 # ---- the native-size cache ---------------------------------------------------------------------------
-def test_native_cache_holds_every_pixel_label_and_source_exactly(archive, cache32):
+def test_native_cache_holds_every_pixel_label_and_source_exactly(archive, archive_cache):
     path, members = archive
-    out, _ = cache32
+    out, _ = archive_cache
     assert is_cache(out)
     info = json.loads((out / "cache.json").read_text())
     assert info["image_size"] == 32 and info["source"] == "cifar-10 python archive"
@@ -183,9 +183,9 @@ def test_native_cache_holds_every_pixel_label_and_source_exactly(archive, cache3
     assert not (out / "val" / "shard-00000.stats.npz").exists()
 
 
-def test_mean_and_statistics_are_those_of_the_training_images(archive, cache32):
+def test_mean_and_statistics_are_those_of_the_training_images(archive, archive_cache):
     _, members = archive
-    out, _ = cache32
+    out, _ = archive_cache
     train = source_images(members, TRAIN).astype(np.float64)
     mean = np.load(out / "mean.npy")
     assert mean.dtype == np.float32 and mean.shape == (3, 32, 32)
@@ -197,9 +197,9 @@ def test_mean_and_statistics_are_those_of_the_training_images(archive, cache32):
     assert np.allclose(stats["rgb_cov"], np.cov(pix, bias=True), rtol=1e-6)
 
 
-def test_report_is_like_the_folder_report(archive, cache32):
+def test_report_is_like_the_folder_report(archive, archive_cache):
     path, _ = archive
-    out, report = cache32
+    out, report = archive_cache
     assert report == json.loads((out / "report.json").read_text())
     assert report["status"] == "complete" and report["source"] == "cifar-10 python archive"
     assert report["src"] == str(path.resolve()) and report["notes"] == []
@@ -211,8 +211,8 @@ def test_report_is_like_the_folder_report(archive, cache32):
     assert tr["members"] == TRAIN and va["members"] == ["test_batch"]
 
 
-def test_the_loader_reads_the_native_cache(cache32):
-    out, _ = cache32
+def test_the_loader_reads_the_native_cache(archive_cache):
+    out, _ = archive_cache
     cfg = DataConfig(image_size=32, crop_size=24)
     x, y = next(iter(make_loader(out, "train", 8, seed=0, epoch=0, train=True, cfg=cfg, workers=0)))
     assert x.dtype.is_floating_point and str(x.dtype) == "torch.float32" and tuple(x.shape) == (8, 3, 24, 24)

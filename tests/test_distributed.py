@@ -5,7 +5,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,15 +12,13 @@ import torch.nn.functional as F
 
 import splitnet
 from cpuenv import cpu_env
+from helpers import CIFAR, ROOT, cli_sets, eval_recs, losses, tiny_cfg, tiny_sets
 from reference import rel
 from splitnet.train import checkpoint as ckpt
 from splitnet.model.convert import column_tensors, grouped_from_columns
-from splitnet.train.config import load_config
 from splitnet.train.evaluate import evaluate_split
-from splitnet.train.loop import read_metrics, train
+from splitnet.train.loop import train
 
-ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT / "experiments" / "cifar.toml"
 ENV = cpu_env(PYTHONPATH=str(ROOT / "src") + os.pathsep + str(ROOT / "tests"), OMP_NUM_THREADS="1")
 
 
@@ -37,17 +34,6 @@ def _torchrun(n, *args, timeout=300):
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
-
-
-@pytest.fixture(scope="module")
-def dcache(cache32):
-    """Runs at the CIFAR scale (experiments/cifar.toml): the ranks' start-up, not the network, is
-    their cost; the full-size network's distributed function is test_ranks_compute_the_single_process_function."""
-    return cache32
-
-
-def _sets(cache, *extra):
-    return [f'data.root="{cache}"', "batch_size=8", "data.workers=0", "eval_batch_size=20", *extra]
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
@@ -85,25 +71,23 @@ def test_ranks_compute_the_single_process_function(tmp_path, ranks):
         assert r["buckets"] > 3 if ranks == 4 else r["buckets"] == 0  # 4 MB buckets: several launched
 
 
+# The runs below are at the CIFAR scale (cache32, experiments/cifar.toml): the ranks' start-up, not the
+# network, is their cost; the full-size network's distributed function is
+# test_ranks_compute_the_single_process_function. The config's thread count is kept (threads=None).
 @pytest.fixture(scope="module")
-def single_run(dcache, tmp_path_factory):
+def single_run(cache32, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    train(load_config(CIFAR, _sets(dcache, "max_steps=3")), out, progress=False)
+    train(tiny_cfg(cache32, "max_steps=3", threads=None), out, progress=False)
     return out
 
 
-def _losses(run):
-    return [m["loss"] for m in read_metrics(run) if m["kind"] == "train"]
-
-
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_torchrun_training_equals_one_process(dcache, single_run, tmp_path, ranks):
+def test_torchrun_training_equals_one_process(cache32, single_run, tmp_path, ranks):
     out = tmp_path / "run"
     args = ["-m", "splitnet", "train", "--config", str(CIFAR), "--out", str(out)]
-    for s in _sets(dcache, "max_steps=3"):
-        args += ["--set", s]
+    args += cli_sets(tiny_sets(cache32, "max_steps=3", threads=None))
     _torchrun(ranks, *args)
-    a, b = _losses(out), _losses(single_run)
+    a, b = losses(out), losses(single_run)
     assert len(a) == len(b) == 3
     assert all(abs(u - v) <= 1e-5 * abs(v) for u, v in zip(a, b)), (a, b)
     assert len(list(out.glob("metrics*.jsonl"))) == 1
@@ -112,8 +96,8 @@ def test_torchrun_training_equals_one_process(dcache, single_run, tmp_path, rank
     ck = ckpt.load(out / "checkpoint.pt")
     model, cfg, _ = ckpt.model_from_checkpoint(ck, devices="cpu")
     from splitnet.data import PackedDataset
-    errs = evaluate_split(model, dcache, PackedDataset(dcache, "val"), cfg)
-    logged = [m for m in read_metrics(out) if m["kind"] == "eval"][-1]
+    errs = evaluate_split(model, cache32, PackedDataset(cache32, "val"), cfg)
+    logged = eval_recs(out)[-1]
     assert (errs["val_top1_err"], errs["val_top5_err"]) == (logged["val_top1_err"], logged["val_top5_err"])
     if ranks == 2:
         # Same weights as the one-process run, up to float summation order (biases initialised at 0,
@@ -124,36 +108,36 @@ def test_torchrun_training_equals_one_process(dcache, single_run, tmp_path, rank
             assert rel(ck["model"][k], v) < (1e-2 if zero_init else 1e-4), k
 
 
-def test_single_process_checkpoint_resumes_under_torchrun(dcache, single_run, tmp_path):
+def test_single_process_checkpoint_resumes_under_torchrun(cache32, single_run, tmp_path):
     import shutil
     out = tmp_path / "run"
     shutil.copytree(single_run, out)
     _torchrun(2, "-m", "splitnet", "train", "--resume", str(out), "--set", "max_steps=4")
-    losses = _losses(out)
-    assert len(losses) == 4 and losses[:3] == _losses(single_run)
+    got = losses(out)
+    assert len(got) == 4 and got[:3] == losses(single_run)
 
 
-def _two_ranks(dcache, out, timeout_s, main=("-m", "splitnet"), **env_extra):
+def _two_ranks(cache, out, timeout_s, main=("-m", "splitnet"), **env_extra):
     port = _port()
     procs = []
     for rank in range(2):
         env = dict(ENV, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), **env_extra)
         cmd = [sys.executable, *main, "train", "--config", str(CIFAR), "--out", str(out)]
-        for s in _sets(dcache, "max_steps=100000", "epochs=100000", "log_every=1", f"dist_timeout_s={timeout_s}"):
-            cmd += ["--set", s]
+        cmd += cli_sets(tiny_sets(cache, "max_steps=100000", "epochs=100000", "log_every=1",
+                                  f"dist_timeout_s={timeout_s}", threads=None))
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     if "FAULT" in env_extra:
         return procs
     deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and _losses(out)):
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and losses(out)):
         time.sleep(0.2)
-    assert _losses(out), "the run never started"
+    assert losses(out), "the run never started"
     return procs
 
 
-def test_a_hung_rank_ends_the_run_within_the_timeout(dcache, tmp_path):
-    procs = _two_ranks(dcache, tmp_path / "run", timeout_s=8)
+def test_a_hung_rank_ends_the_run_within_the_timeout(cache32, tmp_path):
+    procs = _two_ranks(cache32, tmp_path / "run", timeout_s=8)
     procs[1].send_signal(signal.SIGSTOP)  # hangs: alive, connected, silent
     try:
         t0 = time.time()
@@ -168,8 +152,8 @@ def test_a_hung_rank_ends_the_run_within_the_timeout(dcache, tmp_path):
                 p.wait()
 
 
-def test_a_killed_rank_ends_the_run_with_an_error(dcache, tmp_path):
-    procs = _two_ranks(dcache, tmp_path / "run", timeout_s=20)
+def test_a_killed_rank_ends_the_run_with_an_error(cache32, tmp_path):
+    procs = _two_ranks(cache32, tmp_path / "run", timeout_s=20)
     procs[1].send_signal(signal.SIGKILL)
     t0 = time.time()
     _, err = procs[0].communicate(timeout=120)
@@ -216,11 +200,11 @@ def test_own_errors_and_collective_failures_are_told_apart():
 
 
 @pytest.mark.parametrize("fault", ["oom"])  # a shape bug takes the same path (the test above)
-def test_a_ranks_own_error_is_reported_as_that(dcache, tmp_path, fault):
+def test_a_ranks_own_error_is_reported_as_that(cache32, tmp_path, fault):
     """Rank 1 runs out of memory at its second step (tests/fault_worker.py can also inject a shape
     bug): rank 1 shows that error with its traceback; rank 0, stranded in a collective, names rank 1
     and its error, not "died or hung", and stops at once rather than after the timeout."""
-    procs = _two_ranks(dcache, tmp_path / "run", timeout_s=100, main=(str(ROOT / "tests" / "fault_worker.py"),),
+    procs = _two_ranks(cache32, tmp_path / "run", timeout_s=100, main=(str(ROOT / "tests" / "fault_worker.py"),),
                        FAULT_RANK="1", FAULT=fault)
     t0 = time.time()
     try:

@@ -15,9 +15,8 @@ from splitnet.cli import main
 from splitnet.train import checkpoint as ckpt
 from splitnet.train.errors import CheckpointError
 from splitnet.train.loop import train
-from splitnet.train.rundir import read_metrics
 
-from test_runs import CIFAR, _cfg, _cli_sets, _train_recs
+from helpers import CIFAR, eval_recs, tiny_cfg, tiny_cli_sets, train_recs
 
 
 def _one_line_error(capsys, *needles):
@@ -33,10 +32,10 @@ def _one_line_error(capsys, *needles):
 # ---- A: the lr a run trains with is the one its records say -------------------------------------
 def test_an_lr_set_on_a_done_run_is_the_lr_it_trains_with_later(cache32, tmp_path):
     out = tmp_path / "r"
-    train(_cfg(cache32, "max_steps=2"), out, progress=False)
+    train(tiny_cfg(cache32, "max_steps=2"), out, progress=False)
     assert train(out=out, resume=True, sets=["optim.lr=0.001"], progress=False)["step"] == 2  # done: no step
     train(out=out, resume=True, sets=["max_steps=4"], progress=False)
-    assert [m["lr"] for m in _train_recs(out)] == [0.02, 0.02, 0.001, 0.001]
+    assert [m["lr"] for m in train_recs(out)] == [0.02, 0.02, 0.001, 0.001]
     assert ckpt.load(out / "checkpoint.pt")["lr"] == 0.001
 
 
@@ -44,17 +43,17 @@ def test_an_lr_set_on_a_done_run_is_the_lr_it_trains_with_later(cache32, tmp_pat
 @pytest.mark.parametrize("sets", [[], ['devices=["cpu", "cpu"]'], ["threads=1"]])
 def test_a_resume_of_a_done_run_keeps_its_final_evaluation(cache32, tmp_path, sets):
     out = tmp_path / "r"
-    train(_cfg(cache32, "max_steps=3"), out, progress=False)  # mid-epoch: evaluated at the stop
-    assert [m.get("at_stop") for m in read_metrics(out) if m["kind"] == "eval"] == [True]
+    train(tiny_cfg(cache32, "max_steps=3"), out, progress=False)  # mid-epoch: evaluated at the stop
+    assert [m.get("at_stop") for m in eval_recs(out)] == [True]
     train(out=out, resume=True, sets=sets, progress=False)
-    assert [m.get("at_stop") for m in read_metrics(out) if m["kind"] == "eval"] == [True]
+    assert [m.get("at_stop") for m in eval_recs(out)] == [True]
 
 
 # ---- B: non-finite weights are refused on load and never written --------------------------------
 @pytest.mark.parametrize("key", ["model", "velocity"])
 def test_a_checkpoint_with_a_nan_is_refused_naming_the_file_and_tensor(cache32, tmp_path, capsys, key):
     out = tmp_path / "r"
-    train(_cfg(cache32, "max_steps=1"), out, progress=False)
+    train(tiny_cfg(cache32, "max_steps=1"), out, progress=False)
     path = out / "checkpoint.pt"
     ck = torch.load(path, weights_only=True)
     ck[key]["fc7.weight"][3, 5] = math.nan
@@ -86,7 +85,8 @@ def test_values_a_run_cannot_train_with_are_refused(tmp_path, capsys, bad, key):
 
 def test_a_class_count_other_than_the_data_s_is_refused(cache32, tmp_path, capsys):
     out = tmp_path / "r"
-    assert main(["train", "--config", str(CIFAR), "--out", str(out), *_cli_sets(cache32, "model.num_classes=3")]) == 2
+    assert main(["train", "--config", str(CIFAR), "--out", str(out),
+                 *tiny_cli_sets(cache32, "model.num_classes=3")]) == 2
     _one_line_error(capsys, "model.num_classes = 3", "10 classes")
     assert not out.exists()
 
@@ -96,7 +96,7 @@ def test_a_diverged_run_names_what_it_keeps(cache32, tmp_path, capsys):
     checkpoint exists yet, and the message says so (it said "the last good checkpoint (step none
     yet) is kept") and how to start again."""
     out = tmp_path / "r"
-    assert main(["train", "--config", str(CIFAR), "--out", str(out), *_cli_sets(cache32, "optim.lr=1e30")]) == 2
+    assert main(["train", "--config", str(CIFAR), "--out", str(out), *tiny_cli_sets(cache32, "optim.lr=1e30")]) == 2
     _one_line_error(capsys, "No checkpoint was written yet: start again with --overwrite")
 
 
@@ -107,7 +107,7 @@ def test_a_relative_data_path_is_stored_resolved(cache32, tmp_path, monkeypatch,
     (tmp_path / "link").symlink_to(cache32)
     monkeypatch.chdir(tmp_path / "a")
     rel = os.path.relpath(cache32)
-    sets = _cli_sets(cache32, "max_steps=1")[2:]  # all but data.root: --data gives it
+    sets = tiny_cli_sets(cache32, "max_steps=1")[2:]  # all but data.root: --data gives it
     assert main(["train", "--config", str(CIFAR), "--out", "r", "--data", rel, *sets]) == 0
     monkeypatch.chdir(tmp_path / "b" / "c")  # elsewhere: the recorded path still finds the data
     out = tmp_path / "a" / "r"
@@ -151,7 +151,7 @@ def test_a_resume_on_data_replaced_in_place_is_refused(other_caches, tmp_path, c
     data = tmp_path / "data"
     shutil.copytree(other_caches["ten"], data)
     out = tmp_path / "r"
-    train(_cfg(data, "max_steps=1"), out, progress=False)
+    train(tiny_cfg(data, "max_steps=1"), out, progress=False)
     shutil.rmtree(data)
     shutil.copytree(other_caches[other], data)
     before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
@@ -166,8 +166,8 @@ def test_an_ensemble_is_evaluated_on_one_data_set(other_caches, tmp_path, capsys
     """Members trained on data sets of 20 and 30 validation images: every row on the first's 20 (an
     ensemble of each member on its own data averaged unrelated rows, or failed on their shapes)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    train(_cfg(other_caches["ten"], "max_steps=1"), a, progress=False)
-    train(_cfg(other_caches["more_val"], "max_steps=1"), b, progress=False)
+    train(tiny_cfg(other_caches["ten"], "max_steps=1"), a, progress=False)
+    train(tiny_cfg(other_caches["more_val"], "max_steps=1"), b, progress=False)
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(a), "--ensemble", str(b), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -178,8 +178,8 @@ def test_an_ensemble_is_evaluated_on_one_data_set(other_caches, tmp_path, capsys
 
 def test_evaluating_on_other_classes_is_one_line(other_caches, tmp_path, capsys):
     a, five = tmp_path / "a", tmp_path / "five"
-    train(_cfg(other_caches["ten"], "max_steps=1"), a, progress=False)
-    train(_cfg(other_caches["five"], "max_steps=1"), five, progress=False)
+    train(tiny_cfg(other_caches["ten"], "max_steps=1"), a, progress=False)
+    train(tiny_cfg(other_caches["five"], "max_steps=1"), five, progress=False)
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(a), "--data", str(other_caches["five"])]) == 2
     _one_line_error(capsys, a, "10 classes", "holds 5")
@@ -212,10 +212,10 @@ def test_a_file_that_is_not_a_checkpoint_says_what_it_is(tmp_path, capsys, kind,
 # ---- L: a data set without val/ trains without evaluations, and says so ----------------------------
 def test_a_data_set_without_validation_trains_without_evaluations(other_caches, tmp_path, caplog):
     out = tmp_path / "r"
-    s = train(_cfg(other_caches["no_val"], "max_steps=13"), out, progress=False)  # an epoch end, a stop mid-epoch
+    s = train(tiny_cfg(other_caches["no_val"], "max_steps=13"), out, progress=False)  # an epoch end, a stop mid-epoch
     assert s["status"] == "max_steps" and s["step"] == 13
     assert "no validation split: training without evaluations" in caplog.text
-    assert not [m for m in read_metrics(out) if m["kind"] == "eval"] and not (out / "best.pt").exists()
+    assert not eval_recs(out) and not (out / "best.pt").exists()
 
 
 # ---- J: a config file that cannot be read is one line ----------------------------------------------
@@ -232,7 +232,7 @@ def test_an_unreadable_config_file_is_one_line(tmp_path, capsys, kind, what):
 
 def test_a_run_whose_config_toml_is_not_utf8_is_one_line(cache32, tmp_path, capsys):
     out = tmp_path / "r"
-    train(_cfg(cache32, "max_steps=1"), out, progress=False)
+    train(tiny_cfg(cache32, "max_steps=1"), out, progress=False)
     (out / "config.toml").write_bytes((out / "config.toml").read_bytes() + '# caf\u00e9\n'.encode("latin-1"))
     assert main(["train", "--resume", str(out), "--set", "max_steps=2"]) == 2
     _one_line_error(capsys, out / "config.toml", "not UTF-8")
@@ -305,8 +305,8 @@ def test_a_full_disk_in_torch_save_says_the_disk_is_full(cache32, tmp_path, monk
         monkeypatch.setattr(ckpt.torch, "save", lambda obj, f: real_save(obj, FullFile(f)))
         _refuse_writes(monkeypatch, out, errno.ENOSPC)  # run.json too
     _after_saves(monkeypatch, 2, full)
-    assert main(["train", "--config", str(CIFAR), "--out", str(out), *_cli_sets(cache32, "max_steps=4",
-                                                                                "checkpoint_every=2")]) == 2
+    assert main(["train", "--config", str(CIFAR), "--out", str(out),
+                 *tiny_cli_sets(cache32, "max_steps=4", "checkpoint_every=2")]) == 2
     _one_line_error(capsys, out / "checkpoint.pt", "(No space left on device)",
                     "the previous checkpoint.pt is intact")
     monkeypatch.undo()
@@ -316,8 +316,8 @@ def test_a_full_disk_in_torch_save_says_the_disk_is_full(cache32, tmp_path, monk
 def test_a_read_only_run_folder_is_one_line(cache32, tmp_path, monkeypatch, capsys):
     out = tmp_path / "r"
     _after_saves(monkeypatch, 2, lambda: _refuse_writes(monkeypatch, out, errno.EROFS))
-    assert main(["train", "--config", str(CIFAR), "--out", str(out), *_cli_sets(cache32, "max_steps=4",
-                                                                                "checkpoint_every=2")]) == 2
+    assert main(["train", "--config", str(CIFAR), "--out", str(out),
+                 *tiny_cli_sets(cache32, "max_steps=4", "checkpoint_every=2")]) == 2
     _one_line_error(capsys, out / "checkpoint.pt", "Read-only file system")
 
 
@@ -325,8 +325,8 @@ def test_a_run_folder_deleted_during_training_stops_it(cache32, tmp_path, monkey
     """It ended with exit 0 and no word, and the save recreated the folder holding only checkpoints."""
     out = tmp_path / "r"
     _after_saves(monkeypatch, 2, lambda: shutil.rmtree(out))
-    assert main(["train", "--config", str(CIFAR), "--out", str(out), *_cli_sets(cache32, "max_steps=4",
-                                                                                "checkpoint_every=2")]) == 2
+    assert main(["train", "--config", str(CIFAR), "--out", str(out),
+                 *tiny_cli_sets(cache32, "max_steps=4", "checkpoint_every=2")]) == 2
     _one_line_error(capsys, out, "no longer exists")
     assert not out.exists()
 

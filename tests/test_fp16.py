@@ -3,22 +3,19 @@ losses follow fp32's, an overflowing step is skipped and logged but not applied,
 resumes exactly, and weights, velocities and checkpoints stay float32. At the CIFAR scale (seconds)."""
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from cpuenv import CPU_DEVICES, cpu_env
+from helpers import CIFAR, ROOT, losses, tiny_cfg, tiny_sets, train_recs
 from splitnet.config import ConfigError
 from splitnet.train import checkpoint as ckpt
 from splitnet.train.config import load_config
 from splitnet.train import loop
-from splitnet.train.loop import read_metrics, train
+from splitnet.train.loop import train
 from splitnet.train.runtime import DistRuntime, LocalRuntime
 from splitnet.train.scaler import MIN_SCALE, LossScaler
-
-ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT / "experiments" / "cifar.toml"
 
 # fp16's losses against fp32's over the first 6 steps (batch 8, eps 0.02): measured at most 0.04%
 # relative apart on the CPU (fp16 0.036%, fp16_cl 0.041%); asserted below 0.2%. They drift apart as
@@ -27,20 +24,8 @@ TOLERANCE = 2e-3
 STEPS = 6
 
 
-def _sets32(cache32, *extra):
-    return [f'data.root="{cache32}"', "batch_size=8", "data.workers=0", "eval_batch_size=20", "threads=2", *extra]
-
-
 def _cfg(cache32, *extra):
-    return load_config(CIFAR, _sets32(cache32, CPU_DEVICES, *extra))  # one process: pinned on the CPU
-
-
-def _train_recs(run):
-    return [m for m in read_metrics(run) if m["kind"] == "train"]
-
-
-def _losses(run):
-    return [m["loss"] for m in _train_recs(run)]
+    return tiny_cfg(cache32, CPU_DEVICES, *extra, threads=2)  # one process: pinned on the CPU
 
 
 def _same_tensors(a: dict, b: dict) -> bool:
@@ -67,14 +52,14 @@ def test_fp16_losses_follow_fp32(cache32, fp32_run, fp16_run, tmp_path, mode):
     if mode != "fp16":
         out = tmp_path / mode
         train(_cfg(cache32, f"max_steps={STEPS}", f'precision="{mode}"'), out, progress=False)
-    ref, got = _losses(fp32_run), _losses(out)
+    ref, got = losses(fp32_run), losses(out)
     assert len(got) == len(ref) == STEPS
     assert got != ref  # autocast is on: float16 convolutions and fc layers
     worst = max(abs(a - b) / b for a, b in zip(got, ref))
     assert worst < TOLERANCE, (worst, got, ref)
-    recs = _train_recs(out)
+    recs = train_recs(out)
     assert all(r["loss_scale"] == 2.0 ** 16 and "skipped" not in r for r in recs)  # no overflow at 2**16 here
-    assert all("loss_scale" not in r for r in _train_recs(fp32_run))  # fp32 records are as before
+    assert all("loss_scale" not in r for r in train_recs(fp32_run))  # fp32 records are as before
 
 
 def test_fp32_channels_last_is_fp32_in_another_memory_order(cache32, fp32_run, tmp_path, monkeypatch):
@@ -91,7 +76,7 @@ def test_fp32_channels_last_is_fp32_in_another_memory_order(cache32, fp32_run, t
     monkeypatch.setattr(loop, "PaperSGD", Recording)
     out = tmp_path / "fp32_cl"
     train(_cfg(cache32, f"max_steps={STEPS}", 'precision="fp32_cl"'), out, progress=False)
-    ref, got = _losses(fp32_run), _losses(out)
+    ref, got = losses(fp32_run), losses(out)
     assert len(got) == len(ref) == STEPS
     assert max(abs(a - b) / b for a, b in zip(got, ref)) < 1e-5, (got, ref)
     assert formats and all(formats)
@@ -128,10 +113,10 @@ def test_an_overflow_step_is_skipped_logged_and_not_applied(cache32, tmp_path, m
     with caplog.at_level(logging.INFO, logger="splitnet"):
         s = train(_cfg(cache32, "max_steps=3", 'precision="fp16"'), out, progress=False)
     assert s["step"] == 3 and len(calls) == 3
-    recs = _train_recs(out)
+    recs = train_recs(out)
     assert [r.get("skipped", False) for r in recs] == [False, False, True]
     assert [r["loss_scale"] for r in recs] == [2.0 ** 16] * 3  # the scale each step's backward used
-    assert _losses(out)[:2] == _losses(two) and math.isfinite(recs[2]["loss"])
+    assert losses(out)[:2] == losses(two) and math.isfinite(recs[2]["loss"])
     a, b = ckpt.load(out / "checkpoint.pt"), ckpt.load(two / "checkpoint.pt")
     assert _same_tensors(a["model"], b["model"]) and _same_tensors(a["velocity"], b["velocity"])
     assert any(v.abs().sum() > 0 for v in a["velocity"].values())  # the momentum was there to disturb
@@ -146,7 +131,7 @@ def test_a_huge_initial_scale_backs_off_without_touching_the_weights(cache32, tm
     cfg = _cfg(cache32, "max_steps=2", 'precision="fp16"', f"optim.loss_scale_init={2.0 ** 40}")
     out = tmp_path / "run"
     train(cfg, out, progress=False)
-    recs = _train_recs(out)
+    recs = train_recs(out)
     assert [(r["loss_scale"], r["skipped"]) for r in recs] == [(2.0 ** 40, True), (2.0 ** 39, True)]
     assert all(math.isfinite(r["loss"]) for r in recs)  # the unscaled loss
     torch.manual_seed(cfg.seed)  # as train() builds the model
@@ -170,11 +155,11 @@ def test_fp16_resume_is_exact_with_the_scaler_state(cache32, tmp_path):
     assert cut["scale"] < 2.0 ** 19  # what a resume must restore
     s = train(out=out, resume=True, sets=["max_steps=6"], progress=False)
     assert s["step"] == 6
-    flags = [r.get("skipped", False) for r in _train_recs(straight)]
+    flags = [r.get("skipped", False) for r in train_recs(straight)]
     assert flags[0] and not all(flags[2:]), flags  # skips before the cut, updates after it
     keys = ("step", "loss", "loss_scale", "skipped", "train_top1_err")
-    assert [{k: r.get(k) for k in keys} for r in _train_recs(out)] == \
-        [{k: r.get(k) for k in keys} for r in _train_recs(straight)]
+    assert [{k: r.get(k) for k in keys} for r in train_recs(out)] == \
+        [{k: r.get(k) for k in keys} for r in train_recs(straight)]
     a, b = ckpt.load(out / "checkpoint.pt"), ckpt.load(straight / "checkpoint.pt")
     assert _same_tensors(a["model"], b["model"]) and _same_tensors(a["velocity"], b["velocity"])
     assert a["state"]["scaler"] == b["state"]["scaler"]
@@ -189,7 +174,7 @@ def test_torchrun_ranks_skip_the_same_steps_as_one_process(cache32, tmp_path):
     import socket
     import subprocess
     import sys
-    sets = _sets32(cache32, "max_steps=5", 'precision="fp16"', f"optim.loss_scale_init={2.0 ** 19}")
+    sets = tiny_sets(cache32, "max_steps=5", 'precision="fp16"', f"optim.loss_scale_init={2.0 ** 19}", threads=2)
     single = tmp_path / "single"
     train(load_config(CIFAR, [*sets, CPU_DEVICES]), single, progress=False)
     with socket.socket() as sock:
@@ -203,7 +188,7 @@ def test_torchrun_ranks_skip_the_same_steps_as_one_process(cache32, tmp_path):
     env = cpu_env(PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    a, b = _train_recs(out), _train_recs(single)
+    a, b = train_recs(out), train_recs(single)
     assert [(x["loss_scale"], x.get("skipped")) for x in a] == [(x["loss_scale"], x.get("skipped")) for x in b]
     assert any(x.get("skipped") for x in b) and not all(x.get("skipped") for x in b)
     assert all(abs(x["loss"] - y["loss"]) <= 1e-5 * y["loss"] for x, y in zip(a, b)), (a, b)
@@ -217,9 +202,9 @@ def test_fp16_on_a_gpu_tracks_the_cpu_fp32_run(cache32, fp32_run, tmp_path):
     out = tmp_path / "gpu"
     train(_cfg(cache32, f"max_steps={STEPS}", 'precision="fp16_cl"', 'devices=["cuda:0", "cuda:0"]'), out,
           progress=False)
-    ref, got = _losses(fp32_run), _losses(out)
+    ref, got = losses(fp32_run), losses(out)
     assert len(got) == STEPS and all(abs(a - b) < 0.02 * b for a, b in zip(got, ref)), (got, ref)
-    assert all(r["loss_scale"] == 2.0 ** 16 and "skipped" not in r for r in _train_recs(out))
+    assert all(r["loss_scale"] == 2.0 ** 16 and "skipped" not in r for r in train_recs(out))
     ck = ckpt.load(out / "checkpoint.pt")
     assert all(t.dtype == torch.float32 for d in ("model", "velocity") for t in ck[d].values())
 

@@ -4,14 +4,13 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from cpuenv import cpu_env
+from helpers import EXPERIMENTS
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "gpu_check.sh"
+SCRIPT = EXPERIMENTS / "gpu_check.sh"
 
 
 def test_the_script_is_valid_bash_and_writes_at_most_8_files():

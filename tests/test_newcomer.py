@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 import splitnet
+from helpers import ROOT
 from splitnet.cli import main
 from splitnet.experiments import ablate, locate, report
 from splitnet.train import evaluate
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_version_prints_the_package_version(capsys):

@@ -15,6 +15,7 @@ from torch import nn
 
 import splitnet
 from caffe_files import caffe_forward, caffemodel, mean_binaryproto, random_weights
+from helpers import ROOT, tiny_cfg
 from reference import rel
 from splitnet.cli import main
 from splitnet.config import replace
@@ -25,8 +26,6 @@ from splitnet.pretrained.errors import PretrainedError
 from splitnet.pretrained.load import load
 from splitnet.pretrained.runs import import_caffe, import_torchvision, write_run
 from splitnet.train.config import TrainConfig
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -325,10 +324,8 @@ def test_a_mean_file_of_the_wrong_shape_is_named(small_run, cache32):
 def test_a_trained_run_loads_with_its_caches_mean_and_predicts(cache32, tmp_path, capsys):
     """splitnet.load on a run of `splitnet train`: the mean is its training cache's; predict reads it."""
     from splitnet.data import PackedDataset
-    from splitnet.train.config import load_config
     from splitnet.train.loop import train
-    cfg = load_config(ROOT / "experiments" / "cifar.toml", [f'data.root="{cache32}"', "batch_size=8", "data.workers=0",
-                                                              "eval_batch_size=20", "threads=1", "max_steps=2"])
+    cfg = tiny_cfg(cache32, "max_steps=2")
     train(cfg, tmp_path / "run", progress=False)
     model, prep = splitnet.load(tmp_path / "run", "cpu")
     ds = PackedDataset(cache32, "val")

@@ -6,12 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from cpuenv import cpu_env
+from helpers import CIFAR, EXPERIMENTS, ROOT, losses, tiny_sets
 from splitnet.train import checkpoint as ckpt
 from splitnet.cli import main
 from splitnet.data import ensure_cache, make_synthetic
@@ -19,9 +19,7 @@ from splitnet.train.evaluate import ensemble, predict_probs, topk_errors
 from splitnet.train.config import load_config
 from splitnet.train.loop import TrainingError, read_metrics, train
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "experiments" / "smoke.toml"
-CIFAR = ROOT / "experiments" / "cifar.toml"
+SMOKE = EXPERIMENTS / "smoke.toml"
 
 
 @pytest.fixture(scope="session")
@@ -34,12 +32,7 @@ def tiny_cache(tmp_path_factory):
 
 
 def _sets(cache, *extra):
-    return [f'data.root="{cache}"', "batch_size=8", "data.workers=0", "eval_batch_size=16", "threads=2",
-            *extra]
-
-
-def _losses(run):
-    return [m["loss"] for m in read_metrics(run) if m["kind"] == "train"]
+    return tiny_sets(cache, *extra, threads=2, eval_batch_size=16)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +44,7 @@ def straight_run(tiny_cache, tmp_path_factory):
 
 
 def _sets32(cache32, *extra):
-    return [f'data.root="{cache32}"', "batch_size=8", "data.workers=0", "eval_batch_size=20", "threads=2", *extra]
+    return tiny_sets(cache32, *extra, threads=2)
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +89,7 @@ def test_resume_is_exact(tiny_cache, straight_run, tmp_path):
     assert s["status"] == "max_steps" and s["step"] == 3
     s = train(out=out, resume=True, sets=["max_steps=6"], progress=False)
     assert s["step"] == 6
-    assert _losses(out) == _losses(straight_run)  # bitwise, on the CPU
+    assert losses(out) == losses(straight_run)  # bitwise, on the CPU
     a, b = ckpt.load(out / "checkpoint.pt"), ckpt.load(straight_run / "checkpoint.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
@@ -108,7 +101,7 @@ def test_device_input_path_trains_the_same_run(cache32, straight32, tmp_path):
     out = tmp_path / "run"
     train(load_config(CIFAR, _sets32(cache32, "max_steps=3", 'input_device="device"')), out, progress=False)
     train(out=out, resume=True, sets=["max_steps=6", 'input_device="cpu"'], progress=False)
-    assert _losses(out) == _losses(straight32)
+    assert losses(out) == losses(straight32)
     a, b = ckpt.load(out / "checkpoint.pt"), ckpt.load(straight32 / "checkpoint.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
@@ -134,8 +127,8 @@ def test_bf16_channels_last_run_tracks_fp32_and_resumes(cache32, tmp_path):
     train(load_config(CIFAR, _sets32(cache32, "max_steps=3")), tmp_path / "fp32", progress=False)
     out = tmp_path / "run"
     train(load_config(CIFAR, _sets32(cache32, "max_steps=3", 'precision="bf16_cl"')), out, progress=False)
-    ref = _losses(tmp_path / "fp32")
-    got = _losses(out)
+    ref = losses(tmp_path / "fp32")
+    got = losses(out)
     assert got != ref
     assert all(abs(a - b) < 0.02 * b for a, b in zip(got, ref)), (got, ref)
     ck = ckpt.load(out / "checkpoint.pt")
@@ -143,7 +136,7 @@ def test_bf16_channels_last_run_tracks_fp32_and_resumes(cache32, tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert info["precision"] == "bf16_cl" and info["concurrency"]["strategy"] in ("threads", "sequential")
     s = train(out=out, resume=True, sets=["max_steps=5"], progress=False)
-    assert s["step"] == 5 and len(_losses(out)) == 5 and all(l == l for l in _losses(out))
+    assert s["step"] == 5 and len(losses(out)) == 5 and all(l == l for l in losses(out))
 
 
 def test_device_batches_match_the_cpu_loader(tiny_cache):
@@ -170,7 +163,7 @@ def test_sigint_saves_and_resume_continues(cache32, tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
-        if (out / "metrics.jsonl").exists() and _losses(out):
+        if (out / "metrics.jsonl").exists() and losses(out):
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
@@ -178,11 +171,11 @@ def test_sigint_saves_and_resume_continues(cache32, tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "resume with" in err
     k = ckpt.load(out / "checkpoint.pt")["step"]
-    assert k >= 1 and k == len(_losses(out))
+    assert k >= 1 and k == len(losses(out))
     train(out=out, resume=True, sets=[f"max_steps={k + 2}"], progress=False)
     straight = train(load_config(CIFAR, _sets32(cache32, f"max_steps={k + 2}", "epochs=100000")), tmp_path / "s",
                      progress=False)
-    assert straight["step"] == k + 2 and _losses(out) == _losses(tmp_path / "s")
+    assert straight["step"] == k + 2 and losses(out) == losses(tmp_path / "s")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cache32, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..compat import profile_all_threads
 from ..model.columns import SplitAlexNet
 from ..model.grouped import GroupedAlexNet
 from ..model.layout import get_layout
@@ -232,12 +233,8 @@ def column_overlap(model, x: torch.Tensor, steps: int = 3, trace: str | None = N
 
     step()  # warm-up outside the trace
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    try:  # the profiler records the calling thread only, unless told otherwise (torch >= 2.6)
-        from torch._C._profiler import _ExperimentalConfig
-        extra = {"experimental_config": _ExperimentalConfig(profile_all_threads=True)}
-    except (ImportError, TypeError):
-        extra = {}
-    with profile(activities=acts, **extra) as prof:
+    # the profiler records the calling thread only, unless told otherwise (torch >= 2.6)
+    with profile(activities=acts, **profile_all_threads()) as prof:
         for _ in range(steps):
             step()
     path = Path(trace) if trace else Path(tempfile.mkdtemp(prefix="splitnet-trace-")) / "trace.json"

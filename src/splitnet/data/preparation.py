@@ -183,6 +183,15 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
         # A file can only be an archive. Every file goes to archive.py, not just those is_cifar_archive
         # accepts, so a truncated or foreign one gets its exact fault rather than "not a folder".
         return prepare_archive(src, out, cfg, progress=progress)
+    classes, listings = _open(src, out)
+    plans = _plan(src, out, cfg, listings)
+    metas, todo = _resume(out, plans)
+    _pack_all(src, out, cfg, listings, plans, metas, todo, progress)
+    return _finish(src, out, cfg, classes, listings, plans, metas)
+
+
+def _open(src: Path, out: Path):
+    """(classes, listings) of the source folder; the cache folder made, and marked incomplete."""
     if C.is_cache(src):
         raise DataError(f"{src}: already a prepared cache; pass it to training as it is")
     classes, listings = list_source(src)
@@ -192,7 +201,11 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
     out.mkdir(parents=True, exist_ok=True)
     C.remove_temporaries(out)
     (out / C.CACHE_JSON).unlink(missing_ok=True)  # from here until the end the cache is incomplete
+    return classes, listings
 
+
+def _plan(src: Path, out: Path, cfg: DataConfig, listings: dict) -> dict:
+    """{split: [ShardTask, ...]}: each split's sorted file list cut into shards."""
     settings = shard_settings(cfg)
     plans = {}
     for split, listing in listings.items():
@@ -205,7 +218,11 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
         _warn_listing(listing)
     if "val" not in listings:
         log.warning("prepare: %s has no val/ folder: the cache will have a training split only", src)
+    return plans
 
+
+def _resume(out: Path, plans: dict):
+    """(metas of the shards already finished {(split, shard): meta}, the tasks still to do)."""
     recorded = _read_manifest(out)
     metas = {}  # (split, shard) -> meta
     todo = []
@@ -216,37 +233,51 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
                 todo.append(t)
             else:
                 metas[(t.split, t.index)] = meta
-    n_shards = sum(len(v) for v in plans.values())
     if metas:
-        log.info("prepare: resuming: %d of %d shards already finished, %d to do", len(metas), n_shards, len(todo))
+        log.info("prepare: resuming: %d of %d shards already finished, %d to do", len(metas), _n_shards(plans),
+                 len(todo))
+    return metas, todo
 
+
+def _n_shards(plans: dict) -> int:
+    return sum(len(v) for v in plans.values())
+
+
+def _check_bad(src: Path, out: Path, cfg: DataConfig, listing, metas: dict) -> None:
+    """Stop (DataError) when the split's unreadable files are more than max_bad_fraction allows, or at
+    the first one under strict."""
+    split = listing.split
+    skipped = _skipped(listing, metas)
+    if skipped and cfg.strict:
+        s = skipped[0]
+        raise DataError(f"{src / s['file']}: {s['reason']} (strict: stopped at the first unreadable file)")
+    total = _n_files(listing)
+    if len(skipped) > cfg.max_bad_fraction * total:
+        first = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
+        raise DataError(f"{src / split}: {len(skipped)} of {total} files unreadable, more than max_bad_fraction "
+                        f"{cfg.max_bad_fraction:g} allows (first: {first}); see {out / C.REPORT_JSON}")
+
+
+def _pack_all(src: Path, out: Path, cfg: DataConfig, listings: dict, plans: dict, metas: dict, todo: list,
+              progress: bool) -> None:
+    """Pack the shards of `todo`, recording each in the manifest and in `metas` as it finishes; on an
+    interruption or an error, report.json says what was finished."""
     bar = Progress(sum(len(t.files) for t in todo), progress)
-
-    def check_bad(split: str) -> None:
-        skipped = _skipped(listings[split], metas)
-        if skipped and cfg.strict:
-            s = skipped[0]
-            raise DataError(f"{src / s['file']}: {s['reason']} (strict: stopped at the first unreadable file)")
-        total = _n_files(listings[split])
-        if len(skipped) > cfg.max_bad_fraction * total:
-            first = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
-            raise DataError(f"{src / split}: {len(skipped)} of {total} files unreadable, more than max_bad_fraction "
-                            f"{cfg.max_bad_fraction:g} allows (first: {first}); see {out / C.REPORT_JSON}")
 
     def on_done(meta: dict) -> None:
         metas[(meta["split"], meta["shard"])] = meta
         _record(out, meta)
         bar.update(len(meta["files"]) + len(meta["skipped"]), f"{meta['split']}/{C.shard_stem(meta['shard'])}")
-        check_bad(meta["split"])
+        _check_bad(src, out, cfg, listings[meta["split"]], metas)
 
     try:
         for split in plans:
-            check_bad(split)  # reused shards count too
+            _check_bad(src, out, cfg, listings[split], metas)  # reused shards count too
         _run(todo, _workers(cfg.prepare_workers), on_done)
     except KeyboardInterrupt:
         _write_report(out, src, listings, metas, "interrupted")
         log.warning("prepare: interrupted; %d of %d shards finished and kept: rerun the same command to resume",
-                    len(metas), n_shards)
+                    len(metas), _n_shards(plans))
         raise
     except DataError as e:
         _write_report(out, src, listings, metas, f"failed: {e}")
@@ -254,6 +285,9 @@ def prepare(src, out, cfg: DataConfig | None = None, *, workers: int | None = No
     finally:
         bar.close()
 
+
+def _finish(src: Path, out: Path, cfg: DataConfig, classes, listings: dict, plans: dict, metas: dict) -> dict:
+    """Assemble the index, labels and statistics, write report.json, then cache.json (the cache is complete)."""
     info = assemble(src, out, cfg, classes, {split: len(tasks) for split, tasks in plans.items()}, metas)
     report = _write_report(out, src, listings, metas, "complete")
     C.write_json(out / C.CACHE_JSON, info)  # last: the cache is complete

@@ -239,20 +239,7 @@ def _write(out: Path, done: dict, data, suite: str = "ablations", cfg=None, aske
         "top-1 err (10 patches) | top-5 err (10 patches) | delta top-1 / top-5 | paper's delta |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        pd = "-"
-        if r.get("paper_delta_top1") is not None:
-            pd = f"{r['paper_delta_top1']:+.1f}" + (f" / {r['paper_delta_top5']:+.1f}"
-                                                   if r.get("paper_delta_top5") is not None else "")
-        st = f"{r['step_time_rel_paper']:.2f}" if r.get("step_time_rel_paper") else "-"
-        ips = f"{r['train_images_per_s']:.0f}" if r.get("train_images_per_s") else "-"
-        lines.append(
-            f"| {r['name']} | {r['group']} | {r['columns']} | {r['params']:,} | "
-            f"{r['macs_per_image'] / 1e6:.1f} M | {r['exchange_bytes_per_image']:,} | {st} | {ips} | "
-            f"{_pct(r['top1_err'], r['top1_err_std'])} | {_pct(_best_centre(r))} | "
-            f"{_pct(r['top5_err'], r['top5_err_std'])} | "
-            f"{_pct(r['ten_top1_err'], r.get('ten_top1_err_std'))} | {_pct(r['ten_top5_err'])} | "
-            f"{_delta(r, base)} | {pd} |")
+    lines += [_table_line(r, base) for r in rows]
     chance = [r["name"] for r in rows if r["top1_err"] >= 1 - 1 / r.get("classes", 10) - 0.05]
     if chance:
         lines += ["", f"Near chance (centre top-1 error within 5 points of 1 - 1/classes): {', '.join(chance)}. "
@@ -275,6 +262,22 @@ def _write(out: Path, done: dict, data, suite: str = "ablations", cfg=None, aske
     (out / "ablations.md").write_text("\n".join(lines) + "\n")
     if (out / "figure1.json").exists():
         _append_figure1(out, json.loads((out / "figure1.json").read_text()))
+
+
+def _table_line(r: dict, base) -> str:
+    """One row of ablations.md's table (`base`: the paper row, for the delta)."""
+    pd = "-"
+    if r.get("paper_delta_top1") is not None:
+        pd = f"{r['paper_delta_top1']:+.1f}" + (f" / {r['paper_delta_top5']:+.1f}"
+                                               if r.get("paper_delta_top5") is not None else "")
+    st = f"{r['step_time_rel_paper']:.2f}" if r.get("step_time_rel_paper") else "-"
+    ips = f"{r['train_images_per_s']:.0f}" if r.get("train_images_per_s") else "-"
+    return (f"| {r['name']} | {r['group']} | {r['columns']} | {r['params']:,} | "
+            f"{r['macs_per_image'] / 1e6:.1f} M | {r['exchange_bytes_per_image']:,} | {st} | {ips} | "
+            f"{_pct(r['top1_err'], r['top1_err_std'])} | {_pct(_best_centre(r))} | "
+            f"{_pct(r['top5_err'], r['top5_err_std'])} | "
+            f"{_pct(r['ten_top1_err'], r.get('ten_top1_err_std'))} | {_pct(r['ten_top5_err'])} | "
+            f"{_delta(r, base)} | {pd} |")
 
 
 def _best_centre(row: dict):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +38,8 @@ from ..config import replace
 from ..model.columns import SplitAlexNet
 from ..model.convert import column_tensors
 from ..model.exchange import ExchangeEvent, _record
+# A failed run's diagnosis lives in failures.py; runtime.py and the tests reach it through this module.
+from .failures import first_line, is_collective_failure, peer_failures, post_failure  # noqa: F401
 
 log = logging.getLogger("splitnet")
 
@@ -343,57 +344,6 @@ def gather_columns(model, optimizer, mesh: Mesh):
     if mesh.rank != 0:
         return None, None
     return [g[0] for g in got], [g[1] for g in got]
-
-
-# ---- failures: what happened, and where ---------------------------------------------------------
-_FAILED_KEY = "splitnet/failed/{}"
-# How a collective reports a peer that died or hung: gloo raises plain RuntimeErrors from its transport
-# ("Connection closed by peer", "Timed out waiting ... for recv", and "Application timeout caused pair
-# closure" when the timeout fires inside a backward collective), NCCL DistBackendErrors.
-_COLLECTIVE_MARKS = ("gloo/transport", "Connection closed by peer", "Timed out waiting", "pair closure", "NCCL",
-                     "ProcessGroup")
-
-
-def is_collective_failure(e: BaseException) -> bool:
-    """Whether `e` is a collective that failed because of another rank, not this rank's own error
-    (an out-of-memory error, a shape bug, a missing file)."""
-    return isinstance(e, dist.DistError) or any(m in str(e) for m in _COLLECTIVE_MARKS)
-
-
-def post_failure(mesh: Mesh, e: BaseException) -> None:
-    """Leave this rank's own error in the rendezvous store, where the ranks it strands can read it."""
-    try:
-        _store().set(_FAILED_KEY.format(mesh.rank), f"{type(e).__name__}: {first_line(e)}")
-    except Exception:  # the store may be gone with its host; the error itself is still raised
-        pass
-
-
-def peer_failures(mesh: Mesh, wait_s: float = 2.0) -> dict:
-    """{rank: "Type: message"} of the ranks that posted their own error (post_failure). A peer's
-    connection closes as its process exits, just after it posted: wait a moment for the note."""
-    deadline = time.time() + wait_s
-    try:
-        store = _store()
-        keys = [_FAILED_KEY.format(r) for r in range(mesh.world) if r != mesh.rank]
-        while True:
-            found = {int(k.rsplit("/", 1)[1]): store.get(k).decode() for k in keys if store.check([k])}
-            if found or time.time() > deadline:
-                return found
-            time.sleep(0.1)
-    except Exception:  # the store died with the rank that hosted it
-        return {}
-
-
-def _store():
-    # The default group's rendezvous store (torchrun's agent hosts it, so it outlives a failed rank).
-    # torch has no public accessor for it.
-    from torch.distributed.distributed_c10d import _get_default_store
-    return _get_default_store()
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def shutdown() -> None:

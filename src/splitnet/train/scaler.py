@@ -20,6 +20,8 @@ from collections import defaultdict
 
 import torch
 
+from ..compat import unscale_and_check_
+
 # Below this the scale cannot be what makes the gradients overflow (float16's smallest subnormal is
 # 2**-24): training stops instead of skipping every step.
 MIN_SCALE = 2.0 ** -24
@@ -56,8 +58,7 @@ class LossScaler:
         for (device, _), grads in groups.items():
             inf = torch.zeros(1, device=device)
             # GradScaler's kernel: g *= inv_scale for every g, and inf = 1 if any g is not finite
-            torch._amp_foreach_non_finite_check_and_unscale_(
-                grads, inf, torch.full((1,), 1.0 / self.scale, device=device))
+            unscale_and_check_(grads, inf, torch.full((1,), 1.0 / self.scale, device=device))
             total = inf if total is None else total + inf.to(total.device)
         return total is not None and total.item() > 0  # one device-to-host read for all devices
 
