@@ -200,12 +200,12 @@ def test_steps_read_the_loss_only_every_log_every_steps(cache32, straight32, tmp
     every log_every-th step, where the pending steps are read in one transfer; the metrics are
     bitwise those of the run that read at every step (straight32, log_every 10 > 6 steps: all read at
     the end, and here log_every 4: reads at step 4 and at the stop)."""
-    from splitnet.train import loop
+    from splitnet.train import epochs
     reads, step_reads = [], []
     for name in ("item", "tolist", "__float__"):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _r=real, **k: (reads.append(1), _r(t, *a, **k))[1])
-    real_step = loop.train_step
+    real_step = epochs.train_step
 
     def counted(run, x, y):
         before = len(reads)
@@ -213,7 +213,7 @@ def test_steps_read_the_loss_only_every_log_every_steps(cache32, straight32, tmp
         step_reads.append(len(reads) - before)
         return why
 
-    monkeypatch.setattr(loop, "train_step", counted)
+    monkeypatch.setattr(epochs, "train_step", counted)
     out = tmp_path / "run"
     train(load_config(CIFAR, _sets32(cache32, "max_steps=6", "log_every=4")), out, progress=False)
     assert step_reads == [0, 0, 0, 1, 0, 0]
