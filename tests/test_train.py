@@ -147,12 +147,12 @@ def test_bf16_channels_last_run_tracks_fp32_and_resumes(cache32, tmp_path):
 
 
 def test_device_batches_match_the_cpu_loader(tiny_cache):
-    from splitnet.data import DataConfig, DeviceBatches, make_loader
+    from splitnet.data import DataConfig, DeviceBatches, LoaderSpec, make_loader
     for train_mode, ten, workers in ((True, False, 0), (True, False, 1), (False, False, 0), (False, True, 1)):
         cfg = DataConfig(workers=workers)  # workers=1: the raw batches travel through shared memory
-        kw = dict(seed=4, epoch=1, train=train_mode, cfg=cfg, ten_patches=ten, start_batch=1)
-        ref = list(make_loader(tiny_cache, "train", 8, **kw))
-        got = list(DeviceBatches(make_loader(tiny_cache, "train", 8, raw=True, **kw), "cpu", cfg=cfg,
+        spec = LoaderSpec("train", 8, seed=4, epoch=1, train=train_mode, ten_patches=ten, start_batch=1)
+        ref = list(make_loader(tiny_cache, spec, cfg))
+        got = list(DeviceBatches(make_loader(tiny_cache, spec, cfg, raw=True), "cpu", cfg=cfg,
                                  train=train_mode, ten_patches=ten))
         assert len(got) == len(ref) > 0
         for (x, y), (rx, ry) in zip(got, ref):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import to_dict
-from ..data import PackedDataset
+from ..data import LoaderSpec, PackedDataset
 from ..model.precision import memory_format, tf32
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -131,8 +131,9 @@ def train_one_epoch(run: Run) -> str | None:
     stops inside the epoch (max_steps, max_minutes, interrupted), or None at the epoch's end."""
     cfg, st = run.cfg, run.state
     offset, rows = run.rt.share(cfg.batch_size)  # a data-parallel replica loads only its rows
-    loader = input_batches(run.model, run.cache, "train", cfg.batch_size, cfg, run.train_ds, epoch=st.epoch,
-                           train=True, start_batch=st.batch, share=None if rows == cfg.batch_size else (offset, rows))
+    spec = LoaderSpec("train", cfg.batch_size, cfg.seed, st.epoch, train=True, start_batch=st.batch,
+                      share=None if rows == cfg.batch_size else (offset, rows))
+    loader = input_batches(run.model, run.cache, spec, cfg, run.train_ds)
     # Creating the iterator draws a base seed from the global RNG: fork it, so nothing depends on
     # where in an epoch a run was resumed.
     with torch.random.fork_rng(devices=[]):
