@@ -240,14 +240,15 @@ def test_ten_patch_evaluation_gives_the_centre_patch_from_the_same_pass(tiny32, 
     not 11."""
     from splitnet.train import checkpoint as ckpt
     from splitnet.train.evaluate import input_batches, predict_probs
-    from splitnet.data import PackedDataset, resolve_data
+    from splitnet.data import LoaderSpec, PackedDataset, resolve_data
     run = tmp_path / "run"
     train(load_experiment("paper", str(tiny32), ["batch_size=8", "max_steps=3", "data.workers=0"], "cifar")[0], run)
     model, cfg, _ = ckpt.model_from_checkpoint(ckpt.load(run / "checkpoint.pt"))
     cache, _ = resolve_data(cfg.data)
     ds = PackedDataset(cache, "val")  # 20 images: batches of 8, 8 and 4
-    alone, y1 = predict_probs(model, input_batches(model, cache, "val", 8, cfg, ds), mode=cfg.precision)
-    mean, y10, centre = predict_probs(model, input_batches(model, cache, "val", 8, cfg, ds, ten=True),
+    centre_spec, ten_spec = (LoaderSpec("val", 8, train=False, ten_patches=ten) for ten in (False, True))
+    alone, y1 = predict_probs(model, input_batches(model, cache, centre_spec, cfg, ds), mode=cfg.precision)
+    mean, y10, centre = predict_probs(model, input_batches(model, cache, ten_spec, cfg, ds),
                                       mode=cfg.precision, centre=True)
     assert torch.equal(y1, y10)
     assert torch.allclose(centre, alone, rtol=0, atol=1e-6)

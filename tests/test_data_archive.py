@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from splitnet.cli import main
-from splitnet.data import DataConfig, DataError, PackedDataset, ensure_cache, is_cache, make_loader, prepare
+from splitnet.data import (DataConfig, DataError, LoaderSpec, PackedDataset, ensure_cache, is_cache, make_loader,
+                           prepare)
 from splitnet.data import preparation as prep_mod
 from splitnet.data.archive import is_cifar_archive, unpickle
 from splitnet.data.cache import default_cache_dir
@@ -214,10 +215,10 @@ def test_report_is_like_the_folder_report(archive, archive_cache):
 def test_the_loader_reads_the_native_cache(archive_cache):
     out, _ = archive_cache
     cfg = DataConfig(image_size=32, crop_size=24)
-    x, y = next(iter(make_loader(out, "train", 8, seed=0, epoch=0, train=True, cfg=cfg, workers=0)))
+    x, y = next(iter(make_loader(out, LoaderSpec("train", 8, seed=0, epoch=0, train=True), cfg, workers=0)))
     assert x.dtype.is_floating_point and str(x.dtype) == "torch.float32" and tuple(x.shape) == (8, 3, 24, 24)
     assert y.shape == (8,) and 0 <= int(y.min()) and int(y.max()) < 10
-    x, y = next(iter(make_loader(out, "val", 4, train=False, ten_patches=True, cfg=cfg, workers=0)))
+    x, y = next(iter(make_loader(out, LoaderSpec("val", 4, train=False, ten_patches=True), cfg, workers=0)))
     assert tuple(x.shape) == (4, 10, 3, 24, 24) and str(x.dtype) == "torch.float32"
 
 

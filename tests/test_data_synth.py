@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from splitnet.cli import main
-from splitnet.data import DataError, make_loader, make_synthetic, prepare
+from splitnet.data import DataError, LoaderSpec, make_loader, make_synthetic, prepare
 from splitnet.data.synth import DEFAULTS, class_specs
 
 
@@ -68,7 +68,7 @@ def test_cli_synth_prepare_load(tmp_path, capsys):
                  "--val-per-class", "1", "--seed", "7"]) == 0
     assert "SYNTHETIC.txt" in capsys.readouterr().out
     prepare(tmp_path / "s", tmp_path / "c", workers=1, progress=False)
-    x, y = next(iter(make_loader(tmp_path / "c", "train", 4, seed=0, workers=0)))
+    x, y = next(iter(make_loader(tmp_path / "c", LoaderSpec("train", 4, seed=0), workers=0)))
     assert x.shape == (4, 3, 224, 224) and y.max() < 3
     assert x.mean().abs() < 40 and 10 < x.std() < 120  # mean-subtracted, 0..255 scale
     assert main(["data", "synth", "--out", str(tmp_path / "s"), "--seed", "8", "--classes", "3"]) == 2

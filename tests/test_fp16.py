@@ -12,7 +12,7 @@ from helpers import CIFAR, ROOT, losses, tiny_cfg, tiny_sets, train_recs
 from splitnet.config import ConfigError
 from splitnet.train import checkpoint as ckpt
 from splitnet.train.config import load_config
-from splitnet.train import loop
+from splitnet.train import start
 from splitnet.train.loop import train
 from splitnet.train.runtime import DistRuntime, LocalRuntime
 from splitnet.train.scaler import MIN_SCALE, LossScaler
@@ -67,13 +67,13 @@ def test_fp32_channels_last_is_fp32_in_another_memory_order(cache32, fp32_run, t
     the same losses up to the convolutions' summation order, with the conv weights in NHWC."""
     formats = []
 
-    class Recording(loop.PaperSGD):  # what the update sees: the conv weights' memory order
+    class Recording(start.PaperSGD):  # what the update sees: the conv weights' memory order
         def step(self, closure=None):
             formats.extend(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
                            for g in self.param_groups for p in g["params"] if p.dim() == 4)
             return super().step(closure)
 
-    monkeypatch.setattr(loop, "PaperSGD", Recording)
+    monkeypatch.setattr(start, "PaperSGD", Recording)  # what build_run makes
     out = tmp_path / "fp32_cl"
     train(_cfg(cache32, f"max_steps={STEPS}", 'precision="fp32_cl"'), out, progress=False)
     ref, got = losses(fp32_run), losses(out)

@@ -95,12 +95,13 @@ def test_streams_overlap_is_measured_on_the_gpu():
 
 @pytest.mark.skipif(ngpu < 1, reason="needs a CUDA device")
 def test_device_input_batches_equal_the_cpu_loader(tmp_path):
-    from splitnet.data import DataConfig, DeviceBatches, ensure_cache, make_loader, make_synthetic
+    from splitnet.data import DataConfig, DeviceBatches, LoaderSpec, ensure_cache, make_loader, make_synthetic
     root = make_synthetic(tmp_path / "syn", seed=1, classes=4, train_per_class=6, val_per_class=1)
     cache = ensure_cache(root, tmp_path)
     cfg = DataConfig(workers=1)
-    ref = list(make_loader(cache, "train", 8, seed=2, epoch=0, cfg=cfg))
-    got = list(DeviceBatches(make_loader(cache, "train", 8, seed=2, epoch=0, cfg=cfg, raw=True, pin_memory=True),
+    spec = LoaderSpec("train", 8, seed=2, epoch=0)
+    ref = list(make_loader(cache, spec, cfg))
+    got = list(DeviceBatches(make_loader(cache, spec, cfg, raw=True, pin_memory=True),
                              "cuda:0", cfg=cfg))
     assert len(got) == len(ref) == 3
     for (x, y), (rx, ry) in zip(got, ref):

@@ -5,7 +5,7 @@ import torch
 from splitnet import SplitAlexNet
 from splitnet.bench import timing
 from splitnet.model.config import ModelConfig
-from splitnet.train import loop, step
+from splitnet.train import epochs, step
 from splitnet.train.scaler import LossScaler
 
 
@@ -17,7 +17,7 @@ def _net():
 
 
 def test_loop_and_bench_share_one_step_function():
-    assert loop.sgd_step is step.sgd_step and timing.sgd_step is step.sgd_step
+    assert epochs.sgd_step is step.sgd_step and timing.sgd_step is step.sgd_step
 
 
 def test_bench_step_equals_the_training_step():

@@ -140,12 +140,12 @@ def test_bf16_channels_last_run_tracks_fp32_and_resumes(cache32, tmp_path):
 
 
 def test_device_batches_match_the_cpu_loader(tiny_cache):
-    from splitnet.data import DataConfig, DeviceBatches, make_loader
+    from splitnet.data import DataConfig, DeviceBatches, LoaderSpec, make_loader
     for train_mode, ten, workers in ((True, False, 0), (True, False, 1), (False, False, 0), (False, True, 1)):
         cfg = DataConfig(workers=workers)  # workers=1: the raw batches travel through shared memory
-        kw = dict(seed=4, epoch=1, train=train_mode, cfg=cfg, ten_patches=ten, start_batch=1)
-        ref = list(make_loader(tiny_cache, "train", 8, **kw))
-        got = list(DeviceBatches(make_loader(tiny_cache, "train", 8, raw=True, **kw), "cpu", cfg=cfg,
+        spec = LoaderSpec("train", 8, seed=4, epoch=1, train=train_mode, ten_patches=ten, start_batch=1)
+        ref = list(make_loader(tiny_cache, spec, cfg))
+        got = list(DeviceBatches(make_loader(tiny_cache, spec, cfg, raw=True), "cpu", cfg=cfg,
                                  train=train_mode, ten_patches=ten))
         assert len(got) == len(ref) > 0
         for (x, y), (rx, ry) in zip(got, ref):
@@ -193,12 +193,12 @@ def test_steps_read_the_loss_only_every_log_every_steps(cache32, straight32, tmp
     every log_every-th step, where the pending steps are read in one transfer; the metrics are
     bitwise those of the run that read at every step (straight32, log_every 10 > 6 steps: all read at
     the end, and here log_every 4: reads at step 4 and at the stop)."""
-    from splitnet.train import loop
+    from splitnet.train import epochs
     reads, step_reads = [], []
     for name in ("item", "tolist", "__float__"):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _r=real, **k: (reads.append(1), _r(t, *a, **k))[1])
-    real_step = loop.train_step
+    real_step = epochs.train_step
 
     def counted(run, x, y):
         before = len(reads)
@@ -206,7 +206,7 @@ def test_steps_read_the_loss_only_every_log_every_steps(cache32, straight32, tmp
         step_reads.append(len(reads) - before)
         return why
 
-    monkeypatch.setattr(loop, "train_step", counted)
+    monkeypatch.setattr(epochs, "train_step", counted)
     out = tmp_path / "run"
     train(load_config(CIFAR, _sets32(cache32, "max_steps=6", "log_every=4")), out, progress=False)
     assert step_reads == [0, 0, 0, 1, 0, 0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import set_item
-from ..data import DataConfig, DeviceBatches, PackedDataset, make_loader, make_synthetic, prepare
+from ..data import DataConfig, DeviceBatches, LoaderSpec, PackedDataset, make_loader, make_synthetic, prepare
 from ..model.columns import SplitAlexNet
 from ..model.layout import get_geometry
 from ..model.placement import synchronize
@@ -84,8 +84,8 @@ def data_path(batch: int = 128) -> dict:
         cfg = DataConfig()
         torch.set_num_threads(1)
         try:
-            rates = {workers: _rate(make_loader(cache, "train", min(batch, 600), seed=0, epoch=epoch, train=True,
-                                                workers=workers, cfg=cfg) for epoch in range(3))
+            rates = {workers: _rate(make_loader(cache, LoaderSpec("train", min(batch, 600), seed=0, epoch=epoch),
+                                                cfg, workers=workers) for epoch in range(3))
                      for workers in (0, 1)}  # 4 batches an epoch, the first untimed
         finally:
             torch.set_num_threads(threads)
@@ -117,7 +117,7 @@ def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: i
         sync = sorted(set(model.devices), key=str)
 
         def epoch_batches(epoch: int, on_device: bool):
-            loader = make_loader(cache, "train", batch, seed=0, epoch=epoch, train=True, cfg=cfg,
+            loader = make_loader(cache, LoaderSpec("train", batch, seed=0, epoch=epoch), cfg,
                                  pin_memory=dev.type == "cuda", raw=on_device)
             return DeviceBatches(loader, dev, head, cfg) if on_device else loader
 

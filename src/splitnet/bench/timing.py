@@ -1,5 +1,5 @@
 """The clock of the benchmarks and the training step they time: the step `splitnet train` takes
-(train/step.py sgd_step, shared with train/loop.py), with its optimiser, dropout and concurrency
+(train/step.py sgd_step, shared with train/epochs.py), with its optimiser, dropout and concurrency
 strategy."""
 from __future__ import annotations
 

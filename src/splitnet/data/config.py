@@ -63,7 +63,7 @@ class DataConfig:
 
     # ---- evaluation (§4.1) ----
     # 10: four corners + centre and their mirrors; 1: the centre patch only. For the evaluation code to
-    # read; make_loader itself takes ten_patches=True/False.
+    # read; make_loader itself takes LoaderSpec(ten_patches=True/False).
     test_patches: int = 10
 
     # ---- loading ----

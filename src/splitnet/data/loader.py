@@ -1,4 +1,5 @@
-"""Reading the cache: PackedDataset (one image at a time) and make_loader (whole batches, §4.1).
+"""Reading the cache: PackedDataset (one image at a time) and make_loader (whole batches, §4.1:
+the ones a LoaderSpec names).
 
 make_loader's unit of work is a batch, not an image: DataLoader worker w builds batch k from the
 epoch's permutation (seeded by (seed, epoch)) and each sample's augmentation (seeded by
@@ -10,6 +11,7 @@ rows of the whole batch, augmented alike, without the rest being read or augment
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -122,14 +124,41 @@ def eval_order(size: int, n: int) -> torch.Tensor:
     return torch.arange(n, dtype=torch.int64) * size // n
 
 
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Which batches make_loader yields: the same tensors however many workers build them.
+
+    split, batch_size; seed, epoch: the training shuffle and augmentation; train=True: shuffled and
+    augmented, False: in cache order, the centre patch or (ten_patches=True) the ten patches.
+    drop_last (None: True when training) drops the epoch's last partial batch. start_batch: resume
+    inside the epoch. share=(offset, n): of each batch only rows offset..offset+n-1 (a data-parallel
+    replica's slice; the epoch's batches and augmentations are the whole batch's). Evaluation only:
+    images=n reads n of the split's images spread evenly over it (eval_order; 0: all, in cache
+    order), and rows=(lo, hi) only positions lo..hi-1 of those (one replica's shard of the
+    validation set).
+    """
+
+    split: str = "train"
+    batch_size: int = 128
+    seed: int = 0
+    epoch: int = 0
+    train: bool = True
+    start_batch: int = 0
+    ten_patches: bool = False
+    drop_last: bool | None = None
+    share: tuple | None = None
+    rows: tuple | None = None
+    images: int = 0
+
+
 class _Batches(Dataset):
     """Item k = the finished batch k of one epoch (the DataLoader sees whole batches)."""
 
-    def __init__(self, ds: PackedDataset, order: torch.Tensor, batch_size: int, n_batches: int, seed: int,
-                 epoch: int, train: bool, ten: bool, cfg: DataConfig, raw: bool = False, share=None):
-        self.ds, self.order, self.batch_size, self.n_batches = ds, order, batch_size, n_batches
-        self.seed, self.epoch, self.train, self.ten, self.cfg = seed, epoch, train, ten, cfg
-        self.raw, self.share = raw, share
+    def __init__(self, ds: PackedDataset, order: torch.Tensor, n_batches: int, spec: LoaderSpec, cfg: DataConfig,
+                 raw: bool = False):
+        self.ds, self.order, self.batch_size, self.n_batches = ds, order, spec.batch_size, n_batches
+        self.seed, self.epoch, self.train, self.ten = spec.seed, spec.epoch, spec.train, spec.ten_patches
+        self.cfg, self.raw, self.share = cfg, raw, spec.share
 
     def __len__(self) -> int:
         return self.n_batches
@@ -174,45 +203,44 @@ class BatchLoader:
         return iter(self._loader)
 
 
-def make_loader(cache_dir, split: str, batch_size: int, seed: int = 0, epoch: int = 0, train: bool = True,
-                workers: int | None = None, start_batch: int = 0, cfg: DataConfig | None = None,
-                ten_patches: bool = False, drop_last: bool | None = None, pin_memory: bool = False,
-                dataset: PackedDataset | None = None, raw: bool = False, share: tuple | None = None,
-                rows: tuple | None = None, images: int = 0) -> BatchLoader:
-    """Batches of split `split` of the cache (§4.1).
+def make_loader(cache_dir, spec: LoaderSpec, cfg: DataConfig | None = None, workers: int | None = None,
+                pin_memory: bool = False, dataset: PackedDataset | None = None, raw: bool = False) -> BatchLoader:
+    """The batches `spec` names of the cache (§4.1), augmented per cfg.
 
-    train=True: shuffled by (seed, epoch), augmented per cfg -> float32 [B, 3, 224, 224].
-    train=False: in cache order, the centre patch -> [B, 3, 224, 224], or with ten_patches=True the
-    ten patches -> [B, 10, 3, 224, 224]. All mean-subtracted, 0..255 scale. Labels int64 [B].
-    drop_last (default: True when training) drops the epoch's last partial batch. workers: DataLoader
-    processes (default cfg.workers); results are bitwise the same for any number. start_batch: resume
-    inside the epoch. dataset: an already opened PackedDataset of that split, to save re-reading.
-    raw=True: the batches as cached, not yet augmented: (uint8 [B, 3, S, S], labels, AugmentParams)
-    when training, (uint8, labels) otherwise; device_input.DeviceBatches finishes them on a GPU.
-    share=(offset, n): of each batch, build only rows offset..offset+n-1 (a data-parallel replica's
-    slice; the epoch's batches and augmentations are the whole batch's). Evaluation only: images=n
-    reads n of the split's images spread evenly over it (eval_order; 0: all, in cache order), and
-    rows=(lo, hi) only positions lo..hi-1 of those (one replica's shard of the validation set).
+    Training: float32 [B, 3, 224, 224]; evaluation: the centre patch [B, 3, 224, 224] or the ten
+    patches [B, 10, 3, 224, 224]. All mean-subtracted, 0..255 scale. Labels int64 [B]. workers:
+    DataLoader processes (default cfg.workers); results are bitwise the same for any number.
+    dataset: an already opened PackedDataset of that split, to save re-reading. raw=True: the
+    batches as cached, not yet augmented: (uint8 [B, 3, S, S], labels, AugmentParams) when
+    training, (uint8, labels) otherwise; device_input.DeviceBatches finishes them on a GPU.
     """
     cfg = cfg or DataConfig()
-    ds = dataset if dataset is not None else PackedDataset(cache_dir, split)
+    ds = dataset if dataset is not None else PackedDataset(cache_dir, spec.split)
     if cfg.mean_file:
         ds = ds.with_mean(cfg.mean_file)
     if cfg.crop_size > ds.image_size:
         raise ValueError(f"crop_size {cfg.crop_size} is larger than the cache's images ({ds.image_size})")
+    n_batches, order = _epoch_batches(spec, len(ds))
+    batches = _Batches(ds, order, n_batches, spec, cfg, raw)
+    return BatchLoader(batches, spec.start_batch, cfg.workers if workers is None else workers, pin_memory)
+
+
+def _epoch_batches(spec: LoaderSpec, size: int) -> tuple:
+    """(the number of batches in the epoch, the order of the images they read) for a split of `size`
+    images; a ValueError for a spec that does not fit."""
+    batch_size, share, rows, images, train = spec.batch_size, spec.share, spec.rows, spec.images, spec.train
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     if share is not None and not (0 <= share[0] and share[1] >= 1 and share[0] + share[1] <= batch_size):
         raise ValueError(f"share {share}: rows outside a batch of {batch_size}")
     if (rows is not None or images) and train:
         raise ValueError("rows, images: evaluation only (a training replica takes a share of every batch)")
-    n = (images or len(ds)) if rows is None else rows[1] - rows[0]
-    drop_last = train if drop_last is None else drop_last
+    n = (images or size) if rows is None else rows[1] - rows[0]
+    drop_last = train if spec.drop_last is None else spec.drop_last
     n_batches = n // batch_size if drop_last else -(-n // batch_size)
-    if not 0 <= start_batch <= n_batches:
-        raise ValueError(f"start_batch {start_batch} outside 0..{n_batches} (batches in this epoch)")
+    if not 0 <= spec.start_batch <= n_batches:
+        raise ValueError(f"start_batch {spec.start_batch} outside 0..{n_batches} (batches in this epoch)")
     lo = rows[0] if rows else 0
-    order = epoch_order(n, seed, epoch) if train else (
-        eval_order(len(ds), images) if images else torch.arange(len(ds)))[lo:lo + n]
-    batches = _Batches(ds, order, batch_size, n_batches, seed, epoch, train, ten_patches, cfg, raw, share)
-    return BatchLoader(batches, start_batch, cfg.workers if workers is None else workers, pin_memory)
+    order = epoch_order(n, spec.seed, spec.epoch) if train else (
+        eval_order(size, images) if images else torch.arange(size))[lo:lo + n]
+    return n_batches, order

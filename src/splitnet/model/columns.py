@@ -271,7 +271,7 @@ class SplitAlexNet(nn.Module):
     def set_dropout_stream(self, seed: int | None, full_batch: int = 0, offset: int = 0) -> None:
         """Draw the next forward passes' dropout masks from generators seeded by (seed, column, layer),
         as if for a batch of `full_batch` rows of which this batch starts at row `offset`; None goes
-        back to the global RNG. Training sets a new seed every step (train/loop.py), which makes the masks a
+        back to the global RNG. Training sets a new seed every step (train/step.py), which makes the masks a
         function of (run seed, step) alone: the same on every placement and after a resume."""
         for col in self.columns:
             col.dropout_stream = None if seed is None else (int(seed), int(full_batch), int(offset))

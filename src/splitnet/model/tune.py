@@ -56,7 +56,7 @@ def calibrate(model, batch: int, steps: int = 3, strategies=None, mode: str = "f
                     model.concurrency = s
                     synchronize(model.devices)
                     t0 = time.perf_counter()
-                    with autocast(mode, dev.type):  # as train/loop.py steps
+                    with autocast(mode, dev.type):  # as train/epochs.py steps
                         loss = F.cross_entropy(model(x).float(), y)
                     torch.autograd.grad(loss, params)
                     synchronize(model.devices)

@@ -112,7 +112,7 @@ def init_mesh(columns: int, timeout_s: float = 300.0, backend: str | None = None
         g = dist.new_group([r * columns + c for r in range(replicas)], timeout=timeout)
         if c == mesh.column:
             mesh.data_group = g
-    # Rank 0 may prepare a data set for hours while the others wait (loop._start): that wait must not
+    # Rank 0 may prepare a data set for hours while the others wait (start.build_run): that wait must not
     # fall under dist_timeout_s, which is meant for a rank that died or hangs in a step. torchrun
     # still stops the others if rank 0 fails.
     mesh.wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))

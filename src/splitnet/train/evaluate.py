@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from ..config import ConfigError, from_dict, replace
-from ..data import CENTRE_PATCH, DeviceBatches, PackedDataset, make_loader, resolve_data
+from ..data import CENTRE_PATCH, DeviceBatches, LoaderSpec, PackedDataset, make_loader, resolve_data
 from ..data.progress import Progress
 from ..model.precision import autocast, memory_format, tf32
 from .config import TrainConfig
@@ -139,22 +139,17 @@ def _input_on_device(cfg: TrainConfig, model) -> bool:
     return cfg.input_device == "device" or (cfg.input_device == "auto" and dev.type == "cuda")
 
 
-def input_batches(model, cache, split: str, batch_size: int, cfg: TrainConfig, ds=None, epoch: int = 0,
-                  train: bool = False, start_batch: int = 0, ten: bool = False, share=None, rows=None,
-                  images: int = 0):
-    """The batches of `split` for `model`: training (epoch `epoch` from batch `start_batch`) or
-    evaluation (centre or ten patches), finished where the run's input_device says: by the
-    workers, or on the model's first device from the uint8 cache, one batch ahead. The same batches
-    either way. share / rows / images: a replica's rows of each batch / its shard of the evaluated
-    images / how many of the split's images are evaluated (loader.make_loader)."""
+def input_batches(model, cache, spec: LoaderSpec, cfg: TrainConfig, ds=None):
+    """The batches `spec` names (loader.LoaderSpec: training, an epoch from a batch on, or
+    evaluation, the centre or ten patches) for `model`, finished where the run's input_device says:
+    by the workers, or on the model's first device from the uint8 cache, one batch ahead. The same
+    batches either way."""
     dev = model.devices[model.local[0]]
     on_device = _input_on_device(cfg, model)
-    loader = make_loader(cache, split, batch_size, cfg.seed, epoch, train=train, start_batch=start_batch,
-                         cfg=cfg.data, dataset=ds, ten_patches=ten, raw=on_device, pin_memory=dev.type == "cuda",
-                         share=share, rows=rows, images=images)
+    loader = make_loader(cache, spec, cfg.data, dataset=ds, raw=on_device, pin_memory=dev.type == "cuda")
     if on_device:
-        loader = DeviceBatches(loader, dev, model.devices[model.layout.head], cfg.data, train=train,
-                               ten_patches=ten)
+        loader = DeviceBatches(loader, dev, model.devices[model.layout.head], cfg.data, train=spec.train,
+                               ten_patches=spec.ten_patches)
     return loader
 
 
@@ -170,7 +165,8 @@ def evaluate_split(model, cache, ds, cfg: TrainConfig, rt=None, ten: bool = Fals
     if rows[0] == rows[1]:  # more replicas than images: this replica's columns have nothing to do
         misses = dict.fromkeys((1, 5), 0) if model.layout.head in model.local else None
     else:
-        loader = input_batches(model, cache, "val", cfg.eval_batch_size, cfg, ds, ten=ten, rows=rows, images=n)
+        spec = LoaderSpec("val", cfg.eval_batch_size, train=False, ten_patches=ten, rows=rows, images=n)
+        loader = input_batches(model, cache, spec, cfg, ds)
         # The DataLoader draws a base seed from the global RNG: fork it, so that evaluating (or not,
         # at a stop) leaves the global RNG where it was.
         with torch.random.fork_rng(devices=[]):
@@ -226,7 +222,7 @@ def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64
         # In the mode and on the input path the run trained with (its config), on the one data set,
         # minus the mean it was trained with (an imported run's mean.npy: run_data_config).
         cfg = replace(cfg, data=replace(ckpt.run_data_config(cfg, path_ck), root=str(cache)))
-        loader = input_batches(model, cache, split, batch_size, cfg, ds, ten=ten)
+        loader = input_batches(model, cache, LoaderSpec(split, batch_size, train=False, ten_patches=ten), cfg, ds)
         p, labels, *centre = predict_probs(model, loader, mode=cfg.precision, progress=show_progress(progress),
                                            desc=f"eval {Path(path).name} ({'ten' if ten else 'centre'} patches)",
                                            centre=ten)

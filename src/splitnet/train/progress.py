@@ -1,5 +1,5 @@
 """What a person running `splitnet train` sees and does: progress lines or a bar, and Ctrl-C / SIGTERM
-that finish the current step, save and exit (loop.py checks the flag after each step)."""
+that finish the current step, save and exit (epochs.py checks the flag after each step)."""
 from __future__ import annotations
 
 import logging

@@ -1,6 +1,6 @@
 """What a training step needs to know about its placement: one process, or a torchrun mesh.
 
-loop.py talks to one of these and never to torch.distributed directly:
+The training (loop.py, start.py, epochs.py) talks to one of these and never to torch.distributed directly:
   LocalRuntime  one process, columns on its devices (CPU emulation, one GPU, several GPUs);
   DistRuntime   one column per rank, replicas x columns (distributed.py), launched by torchrun.
 """

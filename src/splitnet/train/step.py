@@ -1,4 +1,4 @@
-"""One SGD step (§5): the step `splitnet train` takes (loop.py) and the benchmarks time (bench/timing.py).
+"""One SGD step (§5): the step `splitnet train` takes (epochs.py) and the benchmarks time (bench/timing.py).
 
 One function for both, so that what the benchmarks time is what training runs: dropout masks of the
 (seed, step) stream (§4.2), forward and loss under the precision's autocast, backward and gradient
@@ -7,7 +7,7 @@ the agreement over ranks, and the PaperSGD update.
 
 The loss and the training error stay on the device: reading them (`.item()`) every step would make
 the host wait for the GPU at every step, so it could not queue the next one. The loop reads them
-every log_every steps (loop.py). fp16 alone still reads one flag per step: whether to skip the update
+every log_every steps (epochs.py). fp16 alone still reads one flag per step: whether to skip the update
 is a host decision that every rank must agree on (scaler.py).
 """
 from __future__ import annotations
