@@ -340,3 +340,12 @@ def test_a_trained_run_loads_with_its_caches_mean_and_predicts(cache32, tmp_path
 def _centre_batch(ds, prep):
     from splitnet.data import pipeline as P
     return P.eval_batch(ds.get_batch([0])[0], ds.mean, prep.data)
+
+
+def test_eval_refuses_a_folder_of_other_classes_before_preparing_it(small_run, tmp_path, capsys, monkeypatch):
+    import splitnet.train.evaluate as ev
+    from splitnet.data import make_synthetic
+    root = make_synthetic(tmp_path / "syn", seed=1, classes=3, train_per_class=1, val_per_class=1)
+    monkeypatch.setattr(ev, "resolve_data", lambda *a: pytest.fail("prepared before the classes were checked"))
+    code, _, err = _cli(capsys, "eval", "--checkpoint", small_run[0], "--data", root)
+    assert code == 2 and "holds 3 class folders" in err

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from ..config import ConfigError, from_dict, replace
+from ..data.cache import is_cache
+from ..data.folders import list_classes
 from ..data import CENTRE_PATCH, DeviceBatches, LoaderSpec, PackedDataset, make_loader, resolve_data
 from ..data.progress import Progress
 from ..model.precision import autocast, memory_format, tf32
@@ -210,6 +212,8 @@ def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64
                           f"as class folders, whose val/ is evaluated)")
     # The first run's preparation rules (an imported Caffe run's squash resize) for a folder given as data.
     dcfg = ckpt.run_data_config(from_dict(TrainConfig, first["config"]), ckpt.checkpoint_path(paths[0]))
+    if data and (Path(data) / "train").is_dir() and not is_cache(data):
+        _check_folder_classes(paths[0], first, data)  # before hours of preparing ILSVRC-2012 for nothing
     cache, _ = resolve_data(replace(dcfg, root=str(data)) if data else dcfg)
     ds = PackedDataset(cache, split)
     for path in paths:  # every member's classes, before minutes of evaluating the first ones
@@ -235,6 +239,15 @@ def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64
                 rows.append(dict(model=f"ensemble of {len(paths)}", patches=patches, images=len(labels),
                                  **topk_errors(ensemble(plist), labels)))
     return rows
+
+
+def _check_folder_classes(path, ck: dict, root) -> None:
+    """An EvalError unless the class folders of `root` (not yet prepared) are the checkpoint's classes."""
+    names = list_classes(root)
+    if names != list(ck["classes"]):
+        raise EvalError(f"{path} was trained on {len(ck['classes'])} classes ({', '.join(ck['classes'][:3])}, ...), "
+                        f"but {root}/train holds {len(names)} class folders ({', '.join(names[:3])}, ...): "
+                        f"evaluate it on data with its classes")
 
 
 def _check_classes(path, ck: dict, ds) -> None:
