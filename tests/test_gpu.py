@@ -133,6 +133,33 @@ def test_training_on_one_gpu_calibrates_and_tracks_the_cpu(tmp_path):
 
 
 @pytest.mark.skipif(ngpu < 1, reason="needs a CUDA device")
+def test_fp32_training_on_one_gpu_equals_the_cpu_run_with_the_same_masks(tmp_path, monkeypatch):
+    """With the dropout masks drawn on the CPU (a CUDA generator draws others from the same seed),
+    fp32 training on cuda:0 (TF32 off) follows the CPU run's losses to 1e-4: the same function, not
+    only the same statistics (the bf16 test above allows 5%)."""
+    from splitnet.data import ensure_cache, make_synthetic
+    from splitnet.model.layers import PaperDropout
+    from splitnet.train.config import load_config
+    from splitnet.train.loop import read_metrics, train
+    draw = PaperDropout.stream_mask
+
+    def on_cpu(self, x, keep, seed, full, offset):
+        return draw(self, x.detach().to("cpu"), keep, seed, full, offset).to(x.device)
+
+    monkeypatch.setattr(PaperDropout, "stream_mask", on_cpu)
+    root = make_synthetic(tmp_path / "syn", seed=1, classes=4, train_per_class=8, val_per_class=2)
+    cache = ensure_cache(root, tmp_path / "home")
+    losses = {}
+    for name, devices in (("cpu", '["cpu", "cpu"]'), ("gpu", '["cuda:0", "cuda:0"]')):
+        sets = [f'data.root="{cache}"', "batch_size=8", "data.workers=0", "max_steps=4", "eval_batch_size=8",
+                f"devices={devices}", 'precision="fp32"', 'concurrency="sequential"']
+        train(load_config(None, sets), tmp_path / name, progress=False)
+        losses[name] = [m["loss"] for m in read_metrics(tmp_path / name) if m["kind"] == "train"]
+    assert len(losses["gpu"]) == 4
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(losses["gpu"], losses["cpu"])), losses
+
+
+@pytest.mark.skipif(ngpu < 1, reason="needs a CUDA device")
 def test_streams_equal_sequential_with_each_columns_work_delayed():
     """Both columns on cuda:0 on two streams, column 1's work (then column 0's) delayed by a GPU sleep
     before each of its segments, so an exchange that does not wait for the other stream reads maps

@@ -172,18 +172,23 @@ class PaperDropout(nn.Module):
             if stream is None:
                 mask = torch.empty_like(x).bernoulli_(keep)
             else:
-                seed, full, offset = stream
-                g = self._generator(x.device)
-                g.manual_seed(seed)
-                # All `full` rows, though a replica keeps only its own: which value row r draws depends
-                # on the generator's whole sequence (on a GPU, on the kernel's launch shape), so only
-                # the full draw gives every replica exactly its rows of the one-process mask.
-                mask = torch.empty((full, *x.shape[1:]), device=x.device, dtype=x.dtype)
-                mask = mask.bernoulli_(keep, generator=g)[offset:offset + x.shape[0]]
+                mask = self.stream_mask(x, keep, *stream)
             if self.mode == "inverted":
                 mask.div_(keep)
             return x * mask
         return x * keep if self.mode == "paper" else x
+
+    def stream_mask(self, x: torch.Tensor, keep: float, seed: int, full: int, offset: int) -> torch.Tensor:
+        """The keep mask of x's rows offset..offset+B of a `full`-row batch, drawn on x's device from
+        this module's generator seeded `seed`. All `full` rows, though a replica keeps only its own:
+        which value row r draws depends on the generator's whole sequence (on a GPU, on the kernel's
+        launch shape), so only the full draw gives every replica exactly its rows of the one-process
+        mask. A CPU and a CUDA generator draw different masks from one seed (the GPU tests draw on
+        the CPU through this method to compare a GPU run with a CPU one tightly)."""
+        g = self._generator(x.device)
+        g.manual_seed(seed)
+        mask = torch.empty((full, *x.shape[1:]), device=x.device, dtype=x.dtype)
+        return mask.bernoulli_(keep, generator=g)[offset:offset + x.shape[0]]
 
     def extra_repr(self) -> str:
         return f"p={self.p}, mode={self.mode}"
