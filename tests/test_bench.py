@@ -88,14 +88,15 @@ def _assert_figures_follow_from_times(r: dict) -> None:
     assert r["infer_s_split"] == r[f"infer_s_{split}"] and r["infer_s_grouped"] == statistics.median(times["infer_grouped"])
 
 
-def test_bench_tiny(tmp_path, capsys, monkeypatch):
-    """The CPU section end to end (batch 2, 3 rounds), with every timed training step and matmul
-    sample logged: they alternate, and the step is training's (PaperSGD, dropout streams, train mode)."""
+def _log_timed_work(monkeypatch) -> list:
+    """Every matmul sample ("matmul") and training step (("step", PaperSGD?, train mode?, dropout
+    streams set?)) that bench.model times, in order; the bf16 section at the CIFAR scale only (its
+    own test: test_cpu_bf16_ratio_...)."""
+    import splitnet.bench.cli as bcli
     import splitnet.bench.model as bm
-    from splitnet.bench.peak import read_cpu_nominal_peak
     from splitnet.train.optim import PaperSGD
     events = []
-    sample, step = bm.MatmulPeak.sample, bm.train_step
+    sample, step, full = bm.MatmulPeak.sample, bm.train_step, bcli.bf16_vs_fp32
 
     def logged_sample(self):
         events.append("matmul")
@@ -109,9 +110,15 @@ def test_bench_tiny(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(bm.MatmulPeak, "sample", logged_sample)
     monkeypatch.setattr(bm, "train_step", logged_step)
-    import splitnet.bench.cli as bcli  # the bf16 section at the CIFAR scale only (test_cpu_bf16_ratio)
-    full = bcli.bf16_vs_fp32
     monkeypatch.setattr(bcli, "bf16_vs_fp32", lambda b, r, cifar_batch: full(b, 1, cifar_batch, geometries=("cifar",)))
+    return events
+
+
+def test_bench_tiny(tmp_path, capsys, monkeypatch):
+    """The CPU section end to end (batch 2, 3 rounds), with every timed training step and matmul
+    sample logged: they alternate, and the step is training's (PaperSGD, dropout streams, train mode)."""
+    from splitnet.bench.peak import read_cpu_nominal_peak
+    events = _log_timed_work(monkeypatch)
     out = tmp_path / "bench.json"
     reps = 3
     assert main(["bench", "--batch", "2", "--reps", str(reps), "--placements", "cpu", "--no-data",

@@ -1,9 +1,7 @@
 """The CIFAR-10 python archive as distributed, prepared straight into the cache (data/archive.py).
-
-The archives here are built in the official format: a tar.gz of cifar-10-batches-py/ whose batches
-are pickled as Python 2's cPickle wrote them (protocol 2, str keys and pixel data as BINSTRING,
-numpy.core.multiarray._reconstruct), with the members in the official archive's order.
-"""
+The archives here are built in the official format: cifar-10-batches-py/ in a tar.gz, batches pickled
+as Python 2's cPickle wrote them (protocol 2, BINSTRING keys and pixels, numpy's _reconstruct),
+members in the official order."""
 import io
 import json
 import pickle
@@ -15,8 +13,7 @@ import pytest
 from PIL import Image
 
 from splitnet.cli import main
-from splitnet.data import (DataConfig, DataError, LoaderSpec, PackedDataset, ensure_cache, is_cache, make_loader,
-                           prepare)
+from splitnet.data import DataConfig, DataError, LoaderSpec, PackedDataset, ensure_cache, is_cache, make_loader, prepare
 from splitnet.data import preparation as prep_mod
 from splitnet.data.archive import is_cifar_archive, unpickle
 from splitnet.data.cache import default_cache_dir
