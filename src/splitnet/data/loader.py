@@ -26,6 +26,20 @@ from .rng import STREAM_SHUFFLE, derive_seed
 _OPEN_SHARDS = 128  # memory maps kept open per process (each holds a file descriptor)
 
 
+def read_mean_file(mean_file, side: int | None = None) -> torch.Tensor:
+    """The mean image of a .npy file (DataConfig.mean_file): float32 [3, S, S], RGB, 0..255, with S =
+    `side` when given (the images it is subtracted from); a DataError naming the file otherwise."""
+    try:
+        mean = np.load(mean_file, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.mean_file {mean_file}: cannot be read ({e})") from None
+    s = side if side is not None else (mean.shape[-1] if mean.ndim == 3 else -1)
+    if mean.shape != (3, s, s):
+        need = f"the cache's images need {[3, s, s]}" if side is not None else "expected [3, S, S]"
+        raise DataError(f"data.mean_file {mean_file}: shape {list(mean.shape)}, {need}")
+    return torch.from_numpy(mean.astype(np.float32))
+
+
 class PackedDataset(Dataset):
     """The images of one split of a prepared cache, as packed (§2: 256x256, uint8, not augmented).
 
@@ -54,18 +68,11 @@ class PackedDataset(Dataset):
         self._shards = OrderedDict()  # opened lazily, in each process that reads
 
     def with_mean(self, mean_file) -> "PackedDataset":
-        """This split with the mean image of `mean_file` (.npy [3, S, S], RGB, 0..255; DataConfig.mean_file)
-        instead of the cache's training mean: an imported network subtracts the mean it was trained with."""
+        """This split with the mean image of `mean_file` (read_mean_file) instead of the cache's
+        training mean: an imported network subtracts the mean it was trained with."""
         import copy
-        try:
-            mean = np.load(mean_file, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DataError(f"data.mean_file {mean_file}: cannot be read ({e})") from None
-        want = (3, self.image_size, self.image_size)
-        if mean.shape != want:
-            raise DataError(f"data.mean_file {mean_file}: shape {list(mean.shape)}, the cache's images need {list(want)}")
         out = copy.copy(self)
-        out.mean = torch.from_numpy(mean.astype(np.float32))
+        out.mean = read_mean_file(mean_file, self.image_size)
         return out
 
     @property

@@ -35,7 +35,7 @@ def _floats(blob: dict, where: str) -> np.ndarray:
         parts.append((v if isinstance(v, np.ndarray) else np.frombuffer(v, "<f8")).astype(np.float32))
     if not parts:
         raise PretrainedError(f"{where}: a blob without data")
-    return np.concatenate(parts).astype(np.float32)
+    return np.concatenate(parts).astype(np.float32, copy=False)  # a new, writable array already
 
 
 def _dims(blob: dict) -> list:
@@ -130,7 +130,7 @@ def grouped_state(layers: dict, shapes: dict, path) -> dict:
             raise PretrainedError(f"{path}: layer {name} has {len(blobs)} blobs, expected 2 (weight, bias)")
         for key, arr in zip(("weight", "bias"), blobs):
             want = tuple(shapes[f"{name}.{key}"])
-            out[f"{name}.{key}"] = torch.from_numpy(_fit(arr, want, f"{path}: layer {name} {key}").copy())
+            out[f"{name}.{key}"] = torch.from_numpy(_fit(arr, want, f"{path}: layer {name} {key}"))
     out["conv1.weight"] = out["conv1.weight"].flip(1).contiguous()
     return out
 

@@ -51,11 +51,11 @@ def register(sub) -> None:
 
 
 def _report(src, out) -> int:
-    """What was imported: the layout, its parameters and what crosses between its columns."""
+    """What was imported: the layout, its parameters and what crosses between its columns (read from
+    the run's config.toml, not by loading the weights again)."""
     from ..model.columns import model_layout
-    from ..train import checkpoint as ckpt
-    from ..config import from_dict
-    cfg = from_dict(ckpt.TrainConfig, ckpt.load(ckpt.checkpoint_path(out))["config"])
+    from ..train.config import load_config
+    cfg = load_config(Path(out) / "config.toml")
     layout = model_layout(cfg.model.layout, cfg.model)
     xb = ", ".join(f"{k} {v:,}" for k, v in layout.exchange_bytes_per_image().items()) or "none (one column)"
     print(f"imported {src} into {out}: layout {layout.name}, {layout.params():,} parameters, crop {cfg.data.crop_size}, "
@@ -104,18 +104,15 @@ def _figures(args) -> int:
     from ..experiments.figures import figure3, figure4
     from .load import load
     out = Path(args.out)
-    if not args.data:
-        model, _ = load(args.checkpoint, _devices(args), need_mean=False)
-        scores = {"figure3": figure3(model, out / "figure3_conv1_kernels.png")}
-    else:
+    # Figure 4 subtracts the mean itself (the cache's, or the run's data.mean_file): no mean needed here.
+    model, prep = load(args.checkpoint, _devices(args), need_mean=False)
+    scores = {"figure3": figure3(model, out / "figure3_conv1_kernels.png")}
+    if args.data:
         from ..config import replace
         from ..data import resolve_data
-        model, prep = load(args.checkpoint, _devices(args), need_mean=False)
         cache, _ = resolve_data(replace(prep.data, root=str(args.data)))
-        model, prep = load(args.checkpoint, _devices(args), cache)
-        scores = {"figure3": figure3(model, out / "figure3_conv1_kernels.png"),
-                  "figure4": figure4(model, cache, out / "figure4_predictions_neighbours.png", prep.data,
-                                     model_classes=prep.classes, names=prep.names)}
+        scores["figure4"] = figure4(model, cache, out / "figure4_predictions_neighbours.png", prep.data,
+                                    model_classes=prep.classes, names=prep.names)
     (out / "figures.json").write_text(json.dumps(scores, indent=2))
     print(json.dumps(scores, indent=2))
     return 0

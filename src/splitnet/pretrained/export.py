@@ -38,15 +38,14 @@ def fold_dropout(net: GroupedAlexNet) -> GroupedAlexNet:
     """Paper dropout at test time multiplies a layer's outputs by 1-p; as they only feed the next
     layer's weights (after ReLU and pooling, which commute with a positive scale), scale those
     weights instead and drop the multiplication. Inverted dropout is the identity at test already."""
-    drop = net.drop
+    drop, rows = net.drop, net.layout.rows
     if drop.mode == "paper" and drop.p > 0:
-        rows = net.layout.rows
+        if rows[-1].dropout:
+            raise ValueError(f"layer {rows[-1].name}: dropout on the last layer cannot be folded")
         with torch.no_grad():
             for row, nxt in zip(rows, rows[1:]):
                 if row.dropout:
                     getattr(net, nxt.name).weight.mul_(1.0 - drop.p)
-            if rows[-1].dropout:
-                raise ValueError(f"layer {rows[-1].name}: dropout on the last layer cannot be folded")
     net.drop = nn.Identity()
     return net
 

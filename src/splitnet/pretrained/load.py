@@ -7,7 +7,6 @@ the mean of the cache it was trained on (run.json's "cache", or the `data` given
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,9 @@ from ..data import cache as C
 from ..data import pipeline as P
 from ..data.config import DataConfig, DataError
 from ..data.decode import load_image
+from ..data.loader import read_mean_file
 from ..train import checkpoint as ckpt
+from ..train.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,11 @@ class Preprocessing:
 
 
 def _mean(dcfg: DataConfig, ck_path: Path, data=None) -> torch.Tensor:
+    """The run's mean image [3, S, S]: its mean file (imported), or its training cache's (`data`, else
+    the cache run.json records)."""
     if dcfg.mean_file:
-        return torch.from_numpy(np.load(dcfg.mean_file).astype(np.float32))
-    cache = data
-    if cache is None:
-        info = ck_path.parent / "run.json"
-        cache = json.loads(info.read_text()).get("cache") if info.is_file() else None
+        return read_mean_file(dcfg.mean_file)
+    cache = data if data is not None else RunDir(ck_path.parent).read_info().get("cache")
     if not cache or not C.is_cache(Path(cache)):
         raise DataError(f"{ck_path}: the mean image of the run's training data is needed and its cache "
                         f"{cache or '(not recorded)'} is not there; pass the prepared cache (data=/--data)")
@@ -76,9 +76,6 @@ def load(run, devices=None, data=None, need_mean: bool = True):
     dcfg = ckpt.run_data_config(cfg, path)
     names = ck.get("imported", {}).get("class_names") or classes
     mean = _mean(dcfg, path, data) if need_mean else None
-    if mean is not None:
-        # A trained run's images are the cache's: its side is the mean's (a CIFAR cache: 32).
+    if mean is not None:  # the images are prepared at the mean's side (a trained CIFAR run's cache: 32)
         dcfg = replace(dcfg, image_size=int(mean.shape[-1]))
-        if tuple(mean.shape) != (3, dcfg.image_size, dcfg.image_size):
-            raise DataError(f"{path}: mean image of shape {list(mean.shape)}, expected [3, S, S]")
     return model, Preprocessing(dcfg, mean, tuple(classes), tuple(names))

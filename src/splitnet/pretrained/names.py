@@ -14,7 +14,7 @@ from .errors import PretrainedError
 def parse(text: str, where: str) -> tuple:
     """([class id, ...], [readable name, ...]) of a synset_words.txt text."""
     ids, names = [], []
-    for i, line in enumerate(text.splitlines(), 1):
+    for line in text.splitlines():
         if not line.strip():
             continue
         wnid, _, name = line.strip().partition(" ")

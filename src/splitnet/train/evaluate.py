@@ -213,11 +213,13 @@ def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64
     # The first run's preparation rules (an imported Caffe run's squash resize) for a folder given as data.
     dcfg = ckpt.run_data_config(from_dict(TrainConfig, first["config"]), ckpt.checkpoint_path(paths[0]))
     if data and (Path(data) / "train").is_dir() and not is_cache(data):
-        _check_folder_classes(paths[0], first, data)  # before hours of preparing ILSVRC-2012 for nothing
+        # Before hours of preparing ILSVRC-2012 for nothing.
+        _check_classes(paths[0], first, list_classes(data), f"{Path(data) / 'train'}", " class folders")
     cache, _ = resolve_data(replace(dcfg, root=str(data)) if data else dcfg)
     ds = PackedDataset(cache, split)
     for path in paths:  # every member's classes, before minutes of evaluating the first ones
-        _check_classes(path, first if path is paths[0] else ckpt.load(ckpt.checkpoint_path(path)), ds)
+        _check_classes(path, first if path is paths[0] else ckpt.load(ckpt.checkpoint_path(path)), ds.classes,
+                       str(ds.root))
     rows, probs = [], {1: [], 10: []}
     for path in paths:
         path_ck = ckpt.checkpoint_path(path)
@@ -241,21 +243,13 @@ def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64
     return rows
 
 
-def _check_folder_classes(path, ck: dict, root) -> None:
-    """An EvalError unless the class folders of `root` (not yet prepared) are the checkpoint's classes."""
-    names = list_classes(root)
-    if names != list(ck["classes"]):
-        raise EvalError(f"{path} was trained on {len(ck['classes'])} classes ({', '.join(ck['classes'][:3])}, ...), "
-                        f"but {root}/train holds {len(names)} class folders ({', '.join(names[:3])}, ...): "
-                        f"evaluate it on data with its classes")
-
-
-def _check_classes(path, ck: dict, ds) -> None:
-    """An EvalError unless checkpoint `path` was trained on the classes of `ds`, in its order."""
+def _check_classes(path, ck: dict, names: list, holder: str, noun: str = "") -> None:
+    """An EvalError unless checkpoint `path` was trained on the classes `names`, in their order
+    (those of the cache `holder`, or of its class folders before it is prepared: noun " class folders")."""
     classes = list(ck["classes"])
-    if classes != ds.classes:
+    if classes != list(names):
         raise EvalError(f"{path} was trained on {len(classes)} classes ({', '.join(classes[:3])}, ...), but "
-                        f"{ds.root} holds {len(ds.classes)} ({', '.join(ds.classes[:3])}, ...): evaluate it on "
+                        f"{holder} holds {len(names)}{noun} ({', '.join(names[:3])}, ...): evaluate it on "
                         f"data with its classes (--data)")
 
 
