@@ -223,7 +223,8 @@ def evaluate_checkpoints(paths, data=None, split="val", ten=False, batch_size=64
     rows, probs = [], {1: [], 10: []}
     for path in paths:
         path_ck = ckpt.checkpoint_path(path)
-        model, cfg, _ = ckpt.model_from_checkpoint(ckpt.load(path_ck), devices)
+        ck = first if path is paths[0] else ckpt.load(path_ck)  # the first is loaded already (one file: once)
+        model, cfg, _ = ckpt.model_from_checkpoint(ck, devices)
         _note_other_data(path, cache)
         # In the mode and on the input path the run trained with (its config), on the one data set,
         # minus the mean it was trained with (an imported run's mean.npy: run_data_config).
