@@ -109,7 +109,8 @@ def figure4(model, cache, path, data_cfg=None, n_predict: int = 8, n_query: int 
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     same = (torch.tensor(train_ds.labels)[nearest] == v_labels[n_predict:, None]).float().mean().item()
-    top1 = float(np.mean([ids[int(t)] == classes[int(v)] for t, v in zip(probs[:n_predict].argmax(1), v_labels[:n_predict])]))
+    shown = zip(probs[:n_predict].argmax(1), v_labels[:n_predict])
+    top1 = float(np.mean([ids[int(t)] == classes[int(v)] for t, v in shown]))
     return {"neighbours_same_class": same, "searched_train_images": int(len(pool)),
             "shown_predictions_top1_correct": top1}
 
