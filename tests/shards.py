@@ -34,7 +34,7 @@ SECONDS = {
     "test_data_archive.py": 5, "test_data_transforms.py": 5, "test_layers.py": 5, "test_data_synth.py": 4,
     "test_optim.py": 3, "test_config.py": 3, "test_placement.py": 3, "test_imports.py": 3, "test_gpu.py": 1,
     "test_shards.py": 2, "test_pretrained.py": 85, "test_faults.py": 16, "test_step.py": 4, "test_gpu_check.py": 4,
-    "test_compat.py": 1,
+    "test_compat.py": 1, "test_bf16emu.py": 6,
 }
 
 

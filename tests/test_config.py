@@ -40,7 +40,7 @@ def test_roundtrip():
 def test_bad_precision_names_it():
     from splitnet.train.config import TrainConfig, load_config
     assert TrainConfig().precision == "fp32"  # the paper's arithmetic unless asked
-    with pytest.raises(ConfigError, match="precision: 'fp8' is not one of fp32, fp32_cl, tf32, bf16, bf16_cl, fp16, fp16_cl"):
+    with pytest.raises(ConfigError, match="precision: 'fp8' is not one of fp32, fp32_cl, tf32, bf16, bf16_cl, fp16, fp16_cl, bf16_emu, bf16_emu_cl"):
         load_config(None, ['precision="fp8"'])
 
 

@@ -51,3 +51,14 @@ def profile_all_threads() -> dict:
 
 
 __all__ = ["PrivateAPIError", "default_store", "profile_all_threads", "unscale_and_check_"]
+
+
+def torch_dispatch_mode():
+    """The base class of a mode that intercepts aten operators below autograd and autocast
+    (torch.utils._python_dispatch.TorchDispatchMode, the extension point of __torch_dispatch__)."""
+    try:
+        from torch.utils._python_dispatch import TorchDispatchMode
+    except ImportError:
+        raise _missing("torch.utils._python_dispatch.TorchDispatchMode",
+                       "the emulated bf16 precisions (bf16_emu, bf16_emu_cl)") from None
+    return TorchDispatchMode

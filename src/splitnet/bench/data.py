@@ -19,7 +19,7 @@ from ..data import DataConfig, DeviceBatches, LoaderSpec, PackedDataset, make_lo
 from ..model.columns import SplitAlexNet
 from ..model.layout import get_geometry
 from ..model.placement import synchronize
-from ..model.precision import tf32
+from ..model.precision import numerics
 from ..train.config import load_config
 from ..train.loop import read_metrics, train
 from .timing import paper_optimizer, spread, timed, train_step, training_strategy
@@ -128,7 +128,7 @@ def input_path(device="cuda:0", batch: int = 128, mode: str = "bf16", workers: i
                        step=next(count), mode=mode)
 
         model.train()
-        with tf32(mode):
+        with numerics(mode):
             x = torch.randn(batch, 3, model.input_side, model.input_side, device=dev) * 60
             y = torch.randint(0, 10, (batch,), device=head)
             for _ in range(2):

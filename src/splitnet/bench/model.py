@@ -18,7 +18,7 @@ from ..model.columns import SplitAlexNet
 from ..model.grouped import GroupedAlexNet
 from ..model.layout import get_layout
 from ..model.placement import synchronize
-from ..model.precision import PRECISIONS, autocast, autocast_dtype, memory_format, tf32
+from ..model.precision import PRECISIONS, autocast, autocast_dtype, memory_format, numerics
 from .peak import MatmulPeak, nominal_peak
 from .timing import paper_optimizer, spread, timed, train_step, training_strategy
 
@@ -120,7 +120,7 @@ def _time_rounds(nets: dict, xs: dict, sync, peak: MatmulPeak, reps: int, mode: 
     sample and a training step, net after net; then a warm-up and `reps` rounds of inference."""
     opts = {k: paper_optimizer(n) for k, n in nets.items()}
     times = {f"{m}_{k}": [] for m in ("train", "infer") for k in nets}
-    with tf32(mode):
+    with numerics(mode):
         for name, net in nets.items():  # warm-up: allocator, oneDNN/cuDNN algorithm choice
             net.train()
             train_step(net, opts[name], *xs[name], step=0, mode=mode)

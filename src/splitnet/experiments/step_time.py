@@ -8,7 +8,7 @@ import torch
 
 from ..bench.timing import paper_optimizer, timed, train_step
 from ..model.columns import SplitAlexNet
-from ..model.precision import memory_format, tf32
+from ..model.precision import memory_format, numerics
 
 
 def _timing_model(cfg) -> tuple:
@@ -28,7 +28,7 @@ def _timing_model(cfg) -> tuple:
 def _step(m, opt, x, y, mode: str) -> float:
     """Seconds of one training step as `splitnet train` takes it (bench/timing.py train_step: dropout
     streams, forward and loss under the precision, backward, the PaperSGD update)."""
-    with tf32(mode):
+    with numerics(mode):
         return timed(lambda: train_step(m, opt, x, y, mode=mode), sorted(set(m.devices), key=str))
 
 

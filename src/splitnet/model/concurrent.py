@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import bf16emu
 from .exchange import broadcast_backward
 
 STRATEGIES = ("auto", "sequential", "threads", "streams")
@@ -184,14 +185,15 @@ def _pool(n: int) -> ThreadPoolExecutor:
         return _pools[n]
 
 
-def _in_thread(fn, threads: int, grad: bool, autocast):
-    """fn run in a worker with `threads` intra-op threads and the caller's grad / autocast mode
-    (both are thread-local in PyTorch)."""
+def _in_thread(fn, threads: int, grad: bool, autocast, emulated: bool):
+    """fn run in a worker with `threads` intra-op threads and the caller's grad / autocast mode and
+    bf16 emulation (all thread-local in PyTorch)."""
     def run(*args):
         if getattr(_tls, "threads", None) != threads:
             torch.set_num_threads(threads)
             _tls.threads = threads
-        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]), \
+                bf16emu.emulating(emulated):
             return fn(*args)
     return run
 
@@ -204,7 +206,7 @@ def _parallel(fn, jobs: list, inline: bool = False) -> list:
         return [fn(*job) for job in jobs]
     threads = max(1, torch.get_num_threads() // len(jobs))
     ac = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
-    run = _in_thread(fn, threads, torch.is_grad_enabled(), ac)
+    run = _in_thread(fn, threads, torch.is_grad_enabled(), ac, bf16emu.active())
     futures = [_pool(len(jobs)).submit(run, *job) for job in jobs]
     return [f.result() for f in futures]
 

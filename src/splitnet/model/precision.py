@@ -15,6 +15,10 @@
            scales the loss before backward and the gradients back after (train/scaler.py), skipping
            the steps whose gradients overflow. Weights, SGD update and loss stay float32.
   fp16_cl  fp16 with channels_last, as bf16_cl.
+  bf16_emu, bf16_emu_cl
+           bf16 / bf16_cl with the arithmetic of bf16 hardware emulated in float32 (bf16emu.py): the
+           numbers of a bf16 run on a CPU without bf16 units, at about fp32's speed. For numerics
+           studies only (does a finding hold in bf16?), not for speed.
 
 On the CPU the TF32 switches do nothing; bf16 and fp16 autocast run (slowly on CPUs without such
 units): the tests use them to check those paths' correctness, not their speed.
@@ -25,15 +29,19 @@ import contextlib
 
 import torch
 
-# mode: (TF32 allowed, autocast dtype or None, channels_last)
+from . import bf16emu
+
+# mode: (TF32 allowed, autocast dtype or None, channels_last, bf16 arithmetic emulated in float32)
 PRECISIONS = {
-    "fp32": (False, None, False),
-    "fp32_cl": (False, None, True),
-    "tf32": (True, None, False),
-    "bf16": (True, torch.bfloat16, False),
-    "bf16_cl": (True, torch.bfloat16, True),
-    "fp16": (True, torch.float16, False),
-    "fp16_cl": (True, torch.float16, True),
+    "fp32": (False, None, False, False),
+    "fp32_cl": (False, None, True, False),
+    "tf32": (True, None, False, False),
+    "bf16": (True, torch.bfloat16, False, False),
+    "bf16_cl": (True, torch.bfloat16, True, False),
+    "fp16": (True, torch.float16, False, False),
+    "fp16_cl": (True, torch.float16, True, False),
+    "bf16_emu": (True, torch.bfloat16, False, True),
+    "bf16_emu_cl": (True, torch.bfloat16, True, True),
 }
 
 
@@ -75,6 +83,19 @@ def tf32(mode: str):
             setattr(obj, name, v)
 
 
+def emulated(mode: str) -> bool:
+    """Whether `mode` emulates bf16 arithmetic in float32 (bf16emu.py)."""
+    return PRECISIONS[check(mode)][3]
+
+
+@contextlib.contextmanager
+def numerics(mode: str):
+    """What a run of `mode` holds from its first step to its last evaluation, forward and backward:
+    the TF32 switches and, for the emulated modes, bf16emu.emulating (backward runs outside autocast)."""
+    with tf32(mode), bf16emu.emulating(emulated(mode)):
+        yield
+
+
 def tf32_allowed() -> bool:
     """Whether TF32 matmuls are allowed now, read through the API tf32() sets (torch raises when a
     flag set through one API is read through the other)."""
@@ -100,10 +121,10 @@ def autocast(mode: str, device_type: str):
 
 @contextlib.contextmanager
 def precision(mode: str, device_type: str):
-    """Both: TF32 switches and autocast for one mode (the benchmark times whole steps inside it)."""
-    with tf32(mode), autocast(mode, device_type):
+    """Both: numerics() and autocast for one mode (the benchmark times whole steps inside it)."""
+    with numerics(mode), autocast(mode, device_type):
         yield
 
 
-__all__ = ["PRECISIONS", "precision", "tf32", "tf32_allowed", "autocast", "memory_format", "autocast_dtype", "needs_loss_scaling",
+__all__ = ["PRECISIONS", "precision", "numerics", "emulated", "tf32", "tf32_allowed", "autocast", "memory_format", "autocast_dtype", "needs_loss_scaling",
            "check"]

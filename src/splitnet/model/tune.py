@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .concurrent import candidates
 from .placement import synchronize
-from .precision import autocast, memory_format, tf32
+from .precision import autocast, memory_format, numerics
 
 
 def worth_calibrating(model) -> bool:
@@ -50,7 +50,7 @@ def calibrate(model, batch: int, steps: int = 3, strategies=None, mode: str = "f
     best = {s: float("inf") for s in cands}
     cuda = sorted({d.index or 0 for d in model.devices if d.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=cuda), tf32(mode):
+        with torch.random.fork_rng(devices=cuda), numerics(mode):
             for rnd in range(steps + 1):
                 for s in cands:
                     model.concurrency = s

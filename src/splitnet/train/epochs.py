@@ -22,7 +22,7 @@ import torch
 
 from ..config import to_dict
 from ..data import LoaderSpec, PackedDataset
-from ..model.precision import memory_format, tf32
+from ..model.precision import memory_format, numerics
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .evaluate import evaluate_split, input_batches
@@ -103,7 +103,7 @@ def run_epochs(run: Run) -> dict:
     run.bar = Progress(_total_steps(run), st.step, cfg.log_every, run.progress and worked,
                        max(0.0, 60 * cfg.max_minutes - run.elapsed0) if cfg.max_minutes else 0.0)
     try:
-        with run.stop, tf32(cfg.precision):
+        with run.stop, numerics(cfg.precision):
             while status is None:
                 status = train_one_epoch(run)
                 if status is None:

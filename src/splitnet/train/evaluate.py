@@ -21,7 +21,7 @@ from ..data.cache import is_cache
 from ..data.folders import list_classes
 from ..data import CENTRE_PATCH, DeviceBatches, LoaderSpec, PackedDataset, make_loader, resolve_data
 from ..data.progress import Progress
-from ..model.precision import autocast, memory_format, tf32
+from ..model.precision import autocast, memory_format, numerics
 from .config import TrainConfig
 from .errors import EvalError
 from .rundir import RunDir
@@ -82,7 +82,7 @@ def _forward_in_chunks(model, flat: torch.Tensor, rows: int, mode: str, fmt, dev
     1,000); on a GPU the peak memory stays that of a centre-patch batch. None on a rank without the
     head column (distributed)."""
     outs = []
-    with tf32(mode), autocast(mode, dev.type):
+    with numerics(mode), autocast(mode, dev.type):
         for part in flat.split(rows):
             outs.append(model(part.contiguous(memory_format=fmt)))
     return None if outs[0] is None else torch.cat(outs)
