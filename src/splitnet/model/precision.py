@@ -107,8 +107,11 @@ def _tf32_flags() -> list:
     """[(object, attribute, (value without TF32, value with))] for matmuls and convolutions."""
     b = torch.backends
     if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):
+        # cuDNN's RNN flag too: torch <= 2.11 raises on a read of cuDNN's TF32 setting that names
+        # neither conv nor rnn when the two differ (pytorch issue 179445)
         return [(b.cuda.matmul, "fp32_precision", ("ieee", "tf32")),
-                (b.cudnn.conv, "fp32_precision", ("ieee", "tf32"))]
+                (b.cudnn.conv, "fp32_precision", ("ieee", "tf32"))] + (
+            [(b.cudnn.rnn, "fp32_precision", ("ieee", "tf32"))] if hasattr(b.cudnn, "rnn") else [])
     return [(b.cuda.matmul, "allow_tf32", (False, True)), (b.cudnn, "allow_tf32", (False, True))]
 
 
