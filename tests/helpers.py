@@ -62,3 +62,15 @@ def losses(run) -> list:
 def run_json(run) -> dict:
     """The run's run.json."""
     return json.loads((Path(run) / "run.json").read_text())
+
+
+def dropout_masks_on_cpu(monkeypatch) -> None:
+    """Dropout masks drawn on the CPU wherever the layer runs: a CUDA generator draws other masks from
+    the same seed, so a GPU run compared with a CPU run would otherwise differ by its masks, not its
+    arithmetic (layers.PaperDropout.stream_mask)."""
+    from splitnet.model.layers import PaperDropout
+    draw = PaperDropout.stream_mask
+
+    def on_cpu(self, x, keep, seed, full, offset):
+        return draw(self, x.detach().to("cpu"), keep, seed, full, offset).to(x.device)
+    monkeypatch.setattr(PaperDropout, "stream_mask", on_cpu)

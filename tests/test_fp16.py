@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cpuenv import CPU_DEVICES, cpu_env
-from helpers import CIFAR, ROOT, losses, tiny_cfg, tiny_sets, train_recs
+from helpers import CIFAR, ROOT, dropout_masks_on_cpu, losses, tiny_cfg, tiny_sets, train_recs
 from splitnet.config import ConfigError
 from splitnet.train import checkpoint as ckpt
 from splitnet.train.config import load_config
@@ -196,9 +196,11 @@ def test_torchrun_ranks_skip_the_same_steps_as_one_process(cache32, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fp16_on_a_gpu_tracks_the_cpu_fp32_run(cache32, fp32_run, tmp_path):
+def test_fp16_on_a_gpu_tracks_the_cpu_fp32_run(cache32, fp32_run, tmp_path, monkeypatch):
     """Both columns on cuda:0 in fp16_cl (the fused unscale-and-check kernel on the GPU): the losses
-    follow the CPU fp32 run's to float16 accuracy, and the checkpoint is float32."""
+    follow the CPU fp32 run's to float16 accuracy (the same dropout masks, drawn on the CPU), and the
+    checkpoint is float32."""
+    dropout_masks_on_cpu(monkeypatch)
     out = tmp_path / "gpu"
     train(_cfg(cache32, f"max_steps={STEPS}", 'precision="fp16_cl"', 'devices=["cuda:0", "cuda:0"]'), out,
           progress=False)

@@ -109,16 +109,18 @@ def test_device_input_batches_equal_the_cpu_loader(tmp_path):
 
 
 @pytest.mark.skipif(ngpu < 1, reason="needs a CUDA device")
-def test_training_on_one_gpu_calibrates_and_tracks_the_cpu(tmp_path):
+def test_training_on_one_gpu_calibrates_and_tracks_the_cpu(tmp_path, monkeypatch):
     """A run with both columns on cuda:0 times sequential against streams before its first step
     (tune.py), trains in bf16 + channels_last from the device input path, and follows the CPU fp32
-    run's losses to bf16 accuracy."""
+    run's losses to bf16 accuracy (the same dropout masks: drawn on the CPU in both)."""
     import json
+    from helpers import dropout_masks_on_cpu
     from splitnet.data import ensure_cache, make_synthetic
     from splitnet.train.config import load_config
     from splitnet.train.loop import read_metrics, train
     root = make_synthetic(tmp_path / "syn", seed=1, classes=4, train_per_class=8, val_per_class=2)
     cache = ensure_cache(root, tmp_path / "home")
+    dropout_masks_on_cpu(monkeypatch)
     losses = {}
     for name, sets in (("cpu", ['devices=["cpu", "cpu"]']),
                        ("gpu", ['devices=["cuda:0", "cuda:0"]', 'precision="bf16_cl"'])):
@@ -129,6 +131,7 @@ def test_training_on_one_gpu_calibrates_and_tracks_the_cpu(tmp_path):
     info = json.loads((tmp_path / "gpu" / "run.json").read_text())
     assert set(info["concurrency"]["calibration_step_s"]) == {"sequential", "streams"}
     assert info["concurrency"]["strategy"] in ("sequential", "streams")
+    assert len(losses["gpu"]) == len(losses["cpu"]) == 3
     assert all(abs(a - b) < 0.05 * b for a, b in zip(losses["gpu"], losses["cpu"])), losses
 
 
@@ -137,16 +140,11 @@ def test_fp32_training_on_one_gpu_equals_the_cpu_run_with_the_same_masks(tmp_pat
     """With the dropout masks drawn on the CPU (a CUDA generator draws others from the same seed),
     fp32 training on cuda:0 (TF32 off) follows the CPU run's losses to 1e-4: the same function, not
     only the same statistics (the bf16 test above allows 5%)."""
+    from helpers import dropout_masks_on_cpu
     from splitnet.data import ensure_cache, make_synthetic
-    from splitnet.model.layers import PaperDropout
     from splitnet.train.config import load_config
     from splitnet.train.loop import read_metrics, train
-    draw = PaperDropout.stream_mask
-
-    def on_cpu(self, x, keep, seed, full, offset):
-        return draw(self, x.detach().to("cpu"), keep, seed, full, offset).to(x.device)
-
-    monkeypatch.setattr(PaperDropout, "stream_mask", on_cpu)
+    dropout_masks_on_cpu(monkeypatch)
     root = make_synthetic(tmp_path / "syn", seed=1, classes=4, train_per_class=8, val_per_class=2)
     cache = ensure_cache(root, tmp_path / "home")
     losses = {}

@@ -39,3 +39,12 @@ def test_its_measurements_run_on_the_cpu_with_dry_run(tmp_path, what):
     else:
         assert {"split_sequential_images_per_s", "split_streams_images_per_s", "grouped_images_per_s"} <= set(
             res["rows"][0])
+
+
+def test_a_step_past_the_budget_is_skipped_and_said(tmp_path):
+    """Each step's timeout is cut to what is left of BUDGET: with none left, a step is skipped and the
+    log says so (the summary then still comes within the device call)."""
+    r = subprocess.run(["bash", str(SCRIPT)], env=cpu_env(OUT=str(tmp_path), PYTHON=sys.executable, BUDGET="5"),
+                       capture_output=True, text=True, timeout=120)
+    assert "== env: skipped, 5 s of the 5 s budget left" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 2 and not (tmp_path / "env.json").exists()

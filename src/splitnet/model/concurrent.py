@@ -320,6 +320,12 @@ def threads_forward(model, x: torch.Tensor) -> torch.Tensor:
 _streams: dict = {}
 
 
+def reset_streams() -> None:
+    """Forget the column streams made so far: the next streams run makes new ones (and with them new
+    pools of the caching allocator, which keeps one per stream; bench/gpu_check.py)."""
+    _streams.clear()
+
+
 def _column_streams(device: torch.device, n: int) -> list:
     key = (device, n)
     if key not in _streams:
