@@ -17,7 +17,8 @@
 # Order: the measurements of the README's GPU rows first, the GPU tests last. Expected time on one
 # H200 (16 cores): env 10 s, streams 20-40 s, speed 60-100 s, input path 40-80 s, train 40-80 s,
 # pytest 60-120 s: about 6 minutes. Every step has its own timeout, cut to what is left of BUDGET
-# seconds (default 450), so the summary still comes within a call of 8.5 minutes (timeout_s 540); a step killed by its timeout keeps what it wrote (speed and streams write after each row).
+# seconds (default 450), so the summary still comes within a call of 8.5 minutes (timeout_s 540); a
+# step killed by its timeout keeps what it wrote (speed and streams write after each row).
 # Without a GPU: writes env.json and gpu_check.log, says so, and exits 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."

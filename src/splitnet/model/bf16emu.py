@@ -1,7 +1,7 @@
 """bf16 arithmetic at float32 speed, for CPUs without bf16 units: the precisions bf16_emu, bf16_emu_cl.
 
 Why: on a CPU without AVX-512 BF16 or AMX, torch runs a bf16 convolution in its reference im2col
-kernels (aten::_slow_conv2d_forward/_backward): a CIFAR-scale bf16_cl training step took 12.5x
+kernels (aten::_slow_conv2d_forward/_backward): a CIFAR-scale bf16_cl training step took 15x
 fp32_cl's on an AVX2 EPYC (docs/results.md), which puts "do the findings hold in bf16?" out of reach
 of such a machine. Those kernels are not even the arithmetic of bf16 hardware: their backward sums
 partial gradients in bf16 (3.5x the error of one final rounding, docs/results.md), where oneDNN's
@@ -14,7 +14,7 @@ is exact in float32 (24 bits), so this is a native kernel's result: float32 accu
 rounding, up to the order of the sum. Every other operator (ReLU, pooling, dropout, the loss) runs in
 bf16 as autocast has it; the LRN is float32 under any autocast (layers.py).
 
-For numerics only: its speed (about 1.2x fp32 at the CIFAR scale) says nothing about bf16 hardware.
+For numerics only: its speed (about fp32's at the CIFAR scale) says nothing about bf16 hardware.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ _aten = torch.ops.aten
 EMULATED_OPS = frozenset({_aten.convolution.default, _aten.convolution_backward.default,
                           _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default})
 
-_tls = threading.local()  # depth of emulating() in this thread (modes are thread-local in torch)
+_tls = threading.local()  # .on: inside emulating(True) in this thread (modes are thread-local in torch)
 _mode_class = None
 
 
@@ -70,7 +70,7 @@ def _mode():
 
 def active() -> bool:
     """Whether this thread computes under emulating(True)."""
-    return getattr(_tls, "depth", 0) > 0
+    return getattr(_tls, "on", False)
 
 
 @contextlib.contextmanager
@@ -81,12 +81,12 @@ def emulating(on: bool = True):
     if not on or active():
         yield
         return
-    _tls.depth = 1
+    _tls.on = True
     try:
         with _mode()():
             yield
     finally:
-        _tls.depth = 0
+        _tls.on = False
 
 
 __all__ = ["EMULATED_OPS", "active", "emulating"]
